@@ -1,0 +1,1 @@
+//! Datasets: JSONL and plain-text loaders, prompt templates, loss masks, batching.

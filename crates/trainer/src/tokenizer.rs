@@ -1,0 +1,1 @@
+//! Tokenizers: HF tokenizer.json files and vocabularies embedded in GGUF files.
