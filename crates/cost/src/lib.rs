@@ -1,0 +1,1 @@
+//! The cost model: prompting, RAG, LoRA, QLoRA, full fine-tuning and distillation.
