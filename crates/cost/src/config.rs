@@ -275,7 +275,7 @@ impl CostConfig {
     /// Parses and validates config text; `path` names the file in errors.
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
         let cfg: CostConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1)).unwrap_or(0);
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
             let msg = e.message().trim().replace('\n', " ");
             Error::Parse { path: path.into(), line, msg }
         })?;

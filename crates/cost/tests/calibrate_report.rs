@@ -1,0 +1,85 @@
+//! Calibration from run records and the Markdown/SVG report, on synthetic fixture runs.
+
+mod common;
+
+use ftbench_cost::cli::{cost_report, run_report, CostArgs, ReportArgs};
+use ftbench_cost::model::Origin;
+
+#[test]
+fn calibration_replaces_assumptions_and_says_which() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = common::write_fixture_run(tmp.path(), "fixture-lora");
+    let r = cost_report(&CostArgs { config: common::article_config(), calibrate: vec![run.clone()], horizon: None, json: true })
+        .unwrap();
+    let lora = r.strategies.iter().find(|s| s.name == "lora").unwrap();
+    // Training: the run's 280 s train phase = 0.07778 device-h x $0.10 (cpu) = $0.00778,
+    // replacing the article's assumed $1,500.
+    let t = lora.inputs.iter().find(|i| i.name == "training_device_hours").unwrap();
+    assert!((t.value - 280.0 / 3600.0).abs() < 1e-12);
+    assert_eq!(t.origin, Origin::Measured(run.display().to_string()));
+    assert!((lora.upfront.training_usd - 280.0 / 3600.0 * 0.10).abs() < 1e-12);
+    // QLoRA is not what the run trained: its training stays assumed ...
+    let q = r.strategies.iter().find(|s| s.name == "qlora").unwrap();
+    assert_eq!(q.upfront.training_usd, 300.0);
+    // ... but its self-hosted serving is measured: 240 prompt tokens at the eval phase's
+    // 600 tokens/s = 0.4 device-s x $0.10 / 3600 = $0.0000111 a call.
+    assert!((q.per_call_usd - 0.4 * 0.10 / 3600.0).abs() < 1e-15);
+    assert!(q.inputs.iter().any(|i| i.name == "generate_tokens_per_s" && i.value == 12.5 && matches!(i.origin, Origin::Measured(_))));
+    let cal = r.calibration.as_ref().unwrap();
+    assert!(cal.applied.iter().any(|a| a.starts_with("lora.training_device_hours = 0.0778 on cpu (measured: ")));
+    assert!(cal.not_applied.iter().any(|a| a.starts_with("qlora.training: assumed")));
+    // Energy was absent in the fixture, and the record says why: never zero.
+    assert_eq!(cal.runs[0].train_energy_joules, None);
+    assert!(cal.runs[0].energy_note.as_deref().unwrap().contains("no powercap zones"));
+    let text = r.to_text();
+    assert!(text.contains("measured: lora.training_device_hours"));
+    assert!(text.contains("energy absent (rapl: no powercap zones"));
+}
+
+#[test]
+fn training_tokens_scale_measured_throughput() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = common::write_fixture_run(tmp.path(), "r");
+    let text = common::MINIMAL.replace(
+        "training = { device = \"cpu\", device_hours = 10 }",
+        "training = { device = \"cpu\", device_hours = 10, tokens = 5400000 }",
+    );
+    let cfg = common::write_config(tmp.path(), "c.toml", &text);
+    let r = cost_report(&CostArgs { config: cfg, calibrate: vec![run], horizon: None, json: false }).unwrap();
+    let lora = r.strategies.iter().find(|s| s.name == "lora").unwrap();
+    // 5,400,000 tokens / 150 tokens/s = 36,000 s = 10 device-h x $0.10 = $1.
+    assert!((lora.upfront.training_usd - 1.0).abs() < 1e-9);
+    // Serving: (50 / 12.5 + 200 / 600) device-s x $0.10 / 3600.
+    assert!((lora.per_call_usd - (4.0 + 1.0 / 3.0) * 0.10 / 3600.0).abs() < 1e-15);
+}
+
+#[test]
+fn report_writes_markdown_and_readable_svgs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = common::write_fixture_run(tmp.path(), "fixture-a");
+    let b = common::write_fixture_run(tmp.path(), "fixture-b");
+    let out = tmp.path().join("report");
+    let md = run_report(&ReportArgs {
+        runs: vec![a, b],
+        cost: Some(common::article_config()),
+        assumed_only: false,
+        horizon: None,
+        out: out.clone(),
+    })
+    .unwrap();
+    let text = std::fs::read_to_string(&md).unwrap();
+    for needle in ["## Runs", "![training loss by step](loss.svg)", "## Throughput per phase", "## Cost", "**measured**", "does not follow"] {
+        assert!(text.contains(needle), "report lacks {needle}");
+    }
+    for (svg, labels) in [
+        ("loss.svg", &["optimizer step", "loss (nats per completion token)", "held-out loss"][..]),
+        ("throughput.svg", &["tokens per second", "phase", "fixture-a"][..]),
+        ("crossover.svg", &["daily calls (log scale)", "cost per month, USD (log scale)", "Prompt engineering"][..]),
+    ] {
+        let s = std::fs::read_to_string(out.join(svg)).unwrap();
+        assert!(s.starts_with("<svg"), "{svg}");
+        for l in labels {
+            assert!(s.contains(l), "{svg} lacks {l}");
+        }
+    }
+}
