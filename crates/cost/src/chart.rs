@@ -6,6 +6,7 @@ use std::path::Path;
 use ftbench_meter::{MetricsLine, PhaseRecord};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::claims::fmt_num;
 use crate::error::{Error, Result};
@@ -133,7 +134,8 @@ pub fn throughput_chart(path: &Path, runs: &[(String, Vec<PhaseRecord>)]) -> Res
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(80)
-        .build_cartesian_2d((0..n).into_segmented(), 0f64..max)
+        // A segmented range of 0..k has k + 1 segments.
+        .build_cartesian_2d((0..n - 1).into_segmented(), 0f64..max)
         .map_err(|e| chart_err(path, e))?;
     let names: Vec<String> = bars.iter().map(|b| b.1.clone()).collect();
     chart
@@ -149,8 +151,10 @@ pub fn throughput_chart(path: &Path, runs: &[(String, Vec<PhaseRecord>)]) -> Res
             _ => String::new(),
         })
         .y_label_formatter(&|v| short(*v))
+        .y_max_light_lines(1)
         .draw()
         .map_err(|e| chart_err(path, e))?;
+    let value_style = TextStyle::from(("sans-serif", 13).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
     for (ri, (label, _)) in runs.iter().enumerate() {
         let c = color(ri);
         let mine: Vec<(usize, f64)> =
@@ -168,7 +172,7 @@ pub fn throughput_chart(path: &Path, runs: &[(String, Vec<PhaseRecord>)]) -> Res
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], c.filled()));
         chart
             .draw_series(mine.iter().map(|(j, v)| {
-                Text::new(short_rate(*v), (SegmentValue::CenterOf(*j as i32), *v + max * 0.02), ("sans-serif", 13).into_font())
+                Text::new(short_rate(*v), (SegmentValue::CenterOf(*j as i32), *v + max * 0.01), value_style.clone())
             }))
             .map_err(|e| chart_err(path, e))?;
     }
@@ -189,6 +193,22 @@ fn short_rate(v: f64) -> String {
     } else {
         format!("{v:.1}")
     }
+}
+
+/// Tick values 1, 2 and 5 times a power of ten within `[lo, hi]`.
+pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut decade = 10f64.powf(lo.log10().floor());
+    while decade <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let v = decade * m;
+            if v >= lo && v <= hi {
+                out.push(v);
+            }
+        }
+        decade *= 10.0;
+    }
+    out
 }
 
 /// Where the cheapest strategy changes as daily calls grow over `[lo, hi]`: (daily
@@ -242,8 +262,9 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
             ymax = ymax.max(cost(s, v));
         }
     }
-    let ymin = (ymin * 0.7).max(1.0);
-    let ymax = ymax * 1.4;
+    // Widen to the ticks just outside the data, so both ends carry a label.
+    let ymin = log_ticks(ymin / 10.0, ymin * 0.9).last().copied().unwrap_or(ymin * 0.5).max(1e-6);
+    let ymax = log_ticks(ymax * 1.1, ymax * 10.0).first().copied().unwrap_or(ymax * 2.0);
     let changes = envelope_changes(report, lo, hi);
 
     let area = root(path);
@@ -254,7 +275,10 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(84)
-        .build_cartesian_2d((lo..hi).log_scale(), (ymin..ymax).log_scale())
+        .build_cartesian_2d(
+            (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
+            (ymin..ymax).log_scale().with_key_points(log_ticks(ymin, ymax)),
+        )
         .map_err(|e| chart_err(path, e))?;
     let currency = report.currency.clone();
     chart
@@ -284,7 +308,7 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
     }
     for (k, (v, y, from, to)) in changes.iter().enumerate() {
-        let text = format!("{}: {} calls/day, {} -> {}", k + 1, fmt_num(v.round()), from, to);
+        let text = format!("{}: {} calls/day, {} -> {}", k + 1, fmt_num(v.round()), report.label(from), report.label(to));
         let pos = (*v, *y);
         chart
             .draw_series(std::iter::once(Circle::new(pos, 7, BLACK.stroke_width(2))))
@@ -294,7 +318,7 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
         chart
             .draw_series(std::iter::once(Text::new(
                 format!("{}", k + 1),
-                (*v, *y * 1.25),
+                (*v, *y * 1.3),
                 ("sans-serif", 15).into_font().style(FontStyle::Bold),
             )))
             .map_err(|e| chart_err(path, e))?;

@@ -71,7 +71,7 @@ pub struct CostReport {
     pub paybacks: Vec<Payback>,
     /// Decision table over volume bands.
     pub decision: Vec<DecisionRow>,
-    /// Claims checked against the model.
+    /// Claims checked against the config's own (uncalibrated) numbers.
     pub claims: Vec<ClaimResult>,
     /// What was measured, when calibrated.
     pub calibration: Option<Calibration>,
@@ -136,7 +136,8 @@ impl CostReport {
                 }
             })
             .collect();
-        let claims = check_claims(cfg, &model);
+        // Claims are about the source's own numbers: never calibrated, never re-horizoned.
+        let claims = check_claims(cfg, &Model::new(cfg));
         CostReport {
             config: path.display().to_string(),
             name: cfg.name.clone(),

@@ -31,6 +31,9 @@ fn calibration_replaces_assumptions_and_says_which() {
     // Energy was absent in the fixture, and the record says why: never zero.
     assert_eq!(cal.runs[0].train_energy_joules, None);
     assert!(cal.runs[0].energy_note.as_deref().unwrap().contains("no powercap zones"));
+    // Claims stay about the article's own numbers: 8,000 / 2,700 months, not recalibrated.
+    let c = r.claims.iter().find(|c| c.id == "lora-payback-100k").unwrap();
+    assert!((c.computed_value.as_f64().unwrap() - 8000.0 / 2700.0).abs() < 1e-9);
     let text = r.to_text();
     assert!(text.contains("measured: lora.training_device_hours"));
     assert!(text.contains("energy absent (rapl: no powercap zones"));
