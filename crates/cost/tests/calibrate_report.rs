@@ -86,3 +86,32 @@ fn report_writes_markdown_and_readable_svgs() {
         }
     }
 }
+
+/// Renders the crossover chart to PNG with `rsvg-convert` (librsvg2-bin) when installed,
+/// so the SVG is known to be readable by a real renderer; skipped with a printed reason
+/// otherwise.
+#[test]
+fn crossover_chart_renders_to_png() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = common::write_fixture_run(tmp.path(), "fixture");
+    let out = tmp.path().join("report");
+    run_report(&ReportArgs { runs: vec![run], cost: Some(common::article_config()), assumed_only: true, horizon: None, out: out.clone() })
+        .unwrap();
+    let png = out.join("crossover.png");
+    let status = std::process::Command::new("rsvg-convert").arg("-o").arg(&png).arg(out.join("crossover.svg")).status();
+    match status {
+        Ok(s) if s.success() => {
+            let bytes = std::fs::read(&png).unwrap();
+            assert_eq!(&bytes[1..4], b"PNG");
+            // IHDR: width and height, big-endian, at bytes 16..24.
+            let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+            let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+            assert_eq!((w, h), (960, 560));
+            if let Ok(dir) = std::env::var("FTBENCH_KEEP_CHART") {
+                std::fs::copy(&png, std::path::Path::new(&dir).join("crossover.png")).unwrap();
+            }
+        }
+        Ok(s) => panic!("rsvg-convert failed on crossover.svg: {s}"),
+        Err(e) => println!("skipped: rsvg-convert not available ({e}); install librsvg2-bin to render the chart"),
+    }
+}

@@ -374,6 +374,16 @@ mod tests {
         // Gemma 3 270M: per layer q 640x1024 + k,v 640x256 each + o 1024x640
         //   + 3 x 640x2048 = 655360 + 327680 + 655360 + 3932160 = 5_570_560; x18 = 100_270_080.
         assert_eq!(s.linear_params(), 100_270_080);
+        // LoRA r16 on all seven modules, sequences of 256 (the numbers in docs/run-record.md):
+        // adapters per layer 16 x (1664 + 896 + 896 + 1664 + 2688 + 2688 + 2688) = 210,944,
+        // x18 = 3,796,992; LM head 640 x 262,144 = 167,772,160;
+        // forward 2 x 100,270,080 + 2 x 167,772,160 + attention 4 x 1024 x 128.5 x 18
+        // (= 9,474,048); backward input 2 x 268,042,240 + attention 2 x 9,474,048;
+        // adapters 6 x 3,796,992: total 1,123,373,056 FLOPs per token.
+        let c = training_flops_per_token(&s, 256, &Trainable::Lora(LoraShape::all_linear(16)));
+        assert_eq!(c.forward_attention, 9_474_048.0);
+        assert_eq!(c.lora_forward, 7_593_984.0);
+        assert_eq!(c.total, 1_123_373_056.0);
         let bad = serde_json::json!({"hidden_size": "640"});
         let e = ModelShape::from_hf_config(&bad).unwrap_err().to_string();
         assert_eq!(e, "config key `hidden_size`: expected a positive integer, found \"640\"");
