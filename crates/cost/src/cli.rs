@@ -14,7 +14,7 @@ pub struct CostArgs {
     /// Cost config (TOML), e.g. configs/cost/article.toml.
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
-    /// Run folder (results/<run-id>) whose measured training compute and serving
+    /// Run folder (results/RUN_ID) whose measured training compute and serving
     /// throughput replace the config's assumptions; repeatable.
     #[arg(long, value_name = "RUN_DIR")]
     pub calibrate: Vec<PathBuf>,
@@ -29,7 +29,7 @@ pub struct CostArgs {
 /// `ftbench report`: a Markdown report with SVG charts.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReportArgs {
-    /// Run folders (results/<run-id>).
+    /// Run folders (results/RUN_ID).
     #[arg(required = true, value_name = "RUN_DIR")]
     pub runs: Vec<PathBuf>,
     /// Cost config to add a cost section with the crossover chart.

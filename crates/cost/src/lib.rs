@@ -6,6 +6,8 @@
 //! The `ftbench cost` and `ftbench report` subcommands call [`cli::run_cost`] and
 //! [`cli::run_report`].
 
+#![warn(missing_docs)]
+
 pub mod calibrate;
 pub mod chart;
 pub mod claims;

@@ -4,6 +4,8 @@
 //!
 //! The record format is documented in `docs/run-record.md`.
 
+#![warn(missing_docs)]
+
 pub mod energy;
 pub mod error;
 pub mod fingerprint;
