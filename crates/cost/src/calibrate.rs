@@ -94,7 +94,7 @@ fn price_key(cfg: &CostConfig, cfg_path: &Path, rec: &RunRecord, run: &Path) -> 
 fn method(rec: &RunRecord) -> String {
     ["method", "mode"]
         .iter()
-        .find_map(|k| rec.extra.get(*k).and_then(|v| v.as_str()).map(str::to_string))
+        .find_map(|k| rec.extra.get(*k).and_then(|v| v.as_str()).map(str::to_lowercase))
         .unwrap_or_else(|| "lora".into())
 }
 

@@ -245,8 +245,9 @@ pub fn envelope_changes(report: &CostReport, lo: f64, hi: f64) -> Vec<(f64, f64,
 }
 
 /// Monthly cost (upfront spread over the horizon, plus fixed, per-call and maintenance)
-/// against daily calls on log-log axes, one line per strategy; the points where the
-/// cheapest strategy changes are marked and listed in the legend.
+/// against daily calls on log-log axes, one line per strategy. Marked and listed in the
+/// legend: the volumes where the cheapest strategy changes (numbered circles) and where
+/// each strategy crosses the baseline (lettered crosses).
 pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
     let vols: Vec<f64> = report.volumes.iter().map(|v| v.daily_calls).collect();
     let lo = vols.iter().cloned().fold(f64::INFINITY, f64::min).min(1e3);
@@ -318,8 +319,42 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
         chart
             .draw_series(std::iter::once(Text::new(
                 format!("{}", k + 1),
-                (*v, *y * 1.3),
-                ("sans-serif", 15).into_font().style(FontStyle::Bold),
+                (*v, *y * 1.22),
+                TextStyle::from(("sans-serif", 15).into_font().style(FontStyle::Bold)).pos(Pos::new(HPos::Center, VPos::Bottom)),
+            )))
+            .map_err(|e| chart_err(path, e))?;
+    }
+    // Where each strategy crosses the baseline, lettered below the point.
+    let baseline_crossings: Vec<(f64, String)> = report
+        .crossovers
+        .iter()
+        .filter(|x| x.a == report.baseline || x.b == report.baseline)
+        .filter_map(|x| {
+            let other = if x.a == report.baseline { &x.b } else { &x.a };
+            x.daily_calls.filter(|v| *v >= lo && *v <= hi).map(|v| (v, other.clone()))
+        })
+        .collect();
+    let base = report.strategies.iter().find(|s| s.name == report.baseline);
+    for (k, (v, other)) in baseline_crossings.iter().enumerate() {
+        let Some(base) = base else { break };
+        let letter = (b'A' + (k % 26) as u8) as char;
+        let y = cost(base, *v);
+        let text = format!(
+            "{letter}: {} = {} at {} calls/day",
+            report.label(other),
+            report.label(&report.baseline),
+            fmt_num(v.round())
+        );
+        chart
+            .draw_series(std::iter::once(Cross::new((*v, y), 6, BLACK.stroke_width(2))))
+            .map_err(|e| chart_err(path, e))?
+            .label(text)
+            .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
+        chart
+            .draw_series(std::iter::once(Text::new(
+                letter.to_string(),
+                (*v, y / 1.22),
+                TextStyle::from(("sans-serif", 15).into_font().style(FontStyle::Bold)).pos(Pos::new(HPos::Center, VPos::Top)),
             )))
             .map_err(|e| chart_err(path, e))?;
     }

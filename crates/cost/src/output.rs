@@ -67,6 +67,8 @@ pub struct CostReport {
     pub volumes: Vec<VolumeRow>,
     /// Crossovers of every pair over the horizon.
     pub crossovers: Vec<Crossover>,
+    /// The strategy paybacks are measured against.
+    pub baseline: String,
     /// Payback of every strategy against the baseline at each volume.
     pub paybacks: Vec<Payback>,
     /// Decision table over volume bands.
@@ -149,6 +151,7 @@ impl CostReport {
             strategies: model.strategies,
             volumes,
             crossovers,
+            baseline,
             paybacks,
             decision,
             claims,
