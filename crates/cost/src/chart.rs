@@ -89,7 +89,10 @@ pub fn loss_chart(path: &Path, runs: &[(String, Vec<MetricsLine>)]) -> Result<()
     for (i, (label, lines)) in runs.iter().enumerate() {
         let c = color(i);
         chart
-            .draw_series(LineSeries::new(lines.iter().map(|m| (m.step as f64, m.loss)), c.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                lines.iter().filter(|m| m.loss.is_finite()).map(|m| (m.step as f64, m.loss)),
+                c.stroke_width(2),
+            ))
             .map_err(|e| chart_err(path, e))?
             .label(format!("{label}: training loss"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));

@@ -321,14 +321,15 @@ impl CostConfig {
         self.strategies.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
     }
 
-    /// The price per hour of a device key, by longest key contained in `device`
-    /// (lower-cased): `cpu` matches `cpu`, `h200` matches `nvidia h200`.
+    /// The price per hour of a device key, by the longest key found in `device` as a
+    /// whole word (case-insensitive): `cpu` matches `cpu`, `h200` matches `NVIDIA H200`,
+    /// `l4` does not match `NVIDIA L40S`.
     pub fn device_price(&self, device: &str) -> Option<(&str, f64)> {
         let d = device.to_lowercase();
         self.prices
             .device_usd_per_hour
             .iter()
-            .filter(|(k, _)| d.contains(&k.to_lowercase()))
+            .filter(|(k, _)| contains_word(&d, &k.to_lowercase()))
             .max_by_key(|(k, _)| k.len())
             .map(|(k, v)| (k.as_str(), *v))
     }
@@ -541,6 +542,17 @@ impl CostConfig {
     }
 }
 
+/// `pattern` in `text`, not glued to further letters or digits on either side.
+fn contains_word(text: &str, pattern: &str) -> bool {
+    !pattern.is_empty()
+        && text.match_indices(pattern).any(|(i, _)| {
+            let before = text[..i].chars().next_back();
+            let after = text[i + pattern.len()..].chars().next();
+            let edge = |c: Option<char>| c.is_none_or(|c| !c.is_ascii_alphanumeric());
+            edge(before) && edge(after)
+        })
+}
+
 fn show(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "nothing".into())
 }
@@ -571,5 +583,22 @@ fn rate(path: &Path, key: &str, v: Option<f64>, required: bool) -> Result<()> {
             Err(Error::key(path, key, format!("expected tokens per second above 0, found {v}")))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_keys_match_whole_words() {
+        let text = "name = \"t\"\n[prices]\ntaken = \"2026\"\nengineer_usd_per_hour = 1\napi_input_usd_per_mtok = 1\n\
+                    [prices.device_usd_per_hour]\nl4 = 0.8\nl40s = 2.0\nh100 = 3.0\n\
+                    [[strategy]]\nname = \"p\"\nkind = \"prompt\"\nper_call = { mode = \"api\" }\n";
+        let cfg = CostConfig::from_toml_str(text, Path::new("t.toml")).unwrap();
+        assert_eq!(cfg.device_price("NVIDIA L4"), Some(("l4", 0.8)));
+        assert_eq!(cfg.device_price("NVIDIA L40S"), Some(("l40s", 2.0)));
+        assert_eq!(cfg.device_price("NVIDIA H100 80GB HBM3"), Some(("h100", 3.0)));
+        assert_eq!(cfg.device_price("cpu"), None);
     }
 }
