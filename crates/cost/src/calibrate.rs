@@ -99,22 +99,35 @@ fn method(rec: &RunRecord) -> String {
 }
 
 impl Calibration {
-    /// Reads the runs and works out what they measure for `cfg`.
+    /// Reads the runs and works out what they measure for `cfg`. A run with neither a
+    /// `train` nor a `generate` phase is an error.
     pub fn from_runs(cfg: &CostConfig, cfg_path: &Path, runs: &[PathBuf]) -> Result<Self> {
+        Self::read_runs(cfg, cfg_path, runs, true)
+    }
+
+    /// Like [`Calibration::from_runs`], but a run with nothing to calibrate from is
+    /// skipped and listed in `not_applied` (reports over mixed runs use this).
+    pub fn from_runs_lenient(cfg: &CostConfig, cfg_path: &Path, runs: &[PathBuf]) -> Result<Self> {
+        Self::read_runs(cfg, cfg_path, runs, false)
+    }
+
+    fn read_runs(cfg: &CostConfig, cfg_path: &Path, runs: &[PathBuf], strict: bool) -> Result<Self> {
         let mut cal = Calibration::default();
         for run in runs {
             let rec = RunRecord::read(&record_path(run))?;
             let run_s = run.display().to_string();
-            let (key, price) = price_key(cfg, cfg_path, &rec, run)?;
             let train = rec.phase("train").filter(|_| rec.kind == RunKind::Train || rec.kind == RunKind::Bench);
             let gen = rec.phase("generate").filter(|p| p.tokens_per_s > 0.0);
             let prefill = rec.phase("prefill").or_else(|| rec.phase("eval")).filter(|p| p.tokens_per_s > 0.0);
             if train.is_none() && gen.is_none() {
-                return Err(Error::Run {
-                    path: record_path(run),
-                    msg: "no `train` phase and no `generate` phase with tokens: nothing to calibrate from".into(),
-                });
+                let msg = "no `train` phase and no `generate` phase with tokens: nothing to calibrate from";
+                if strict {
+                    return Err(Error::Run { path: record_path(run), msg: msg.into() });
+                }
+                cal.not_applied.push(format!("{run_s}: {msg}"));
+                continue;
             }
+            let (key, price) = price_key(cfg, cfg_path, &rec, run)?;
             let devices = train.or(gen).map(|p| p.devices.max(1)).unwrap_or(1);
             let m = method(&rec);
             if let Some(t) = train {

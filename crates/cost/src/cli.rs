@@ -90,7 +90,7 @@ pub fn run_report(args: &ReportArgs) -> Result<PathBuf> {
             let calibration = if args.assumed_only {
                 None
             } else {
-                Some(Calibration::from_runs(&cfg, path, &args.runs)?)
+                Some(Calibration::from_runs_lenient(&cfg, path, &args.runs)?)
             };
             Some(CostReport::build(&cfg, path, calibration, args.horizon))
         }

@@ -115,3 +115,39 @@ fn crossover_chart_renders_to_png() {
         Err(e) => println!("skipped: rsvg-convert not available ({e}); install librsvg2-bin to render the chart"),
     }
 }
+
+#[test]
+fn runs_without_a_generate_phase_leave_serving_assumed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = common::write_fixture_run(tmp.path(), "no-generate");
+    let rec_path = run.join("run.json");
+    let mut rec = ftbench_meter::RunRecord::read(&rec_path).unwrap();
+    rec.phases.retain(|p| p.name != "generate");
+    rec.write_atomic(&rec_path).unwrap();
+    let r = cost_report(&CostArgs { config: common::article_config(), calibrate: vec![run.clone()], horizon: None, json: false })
+        .unwrap();
+    let q = r.strategies.iter().find(|s| s.name == "qlora").unwrap();
+    // 240 tokens x $2.00 per million, as assumed.
+    assert!((q.per_call_usd - 240.0 * 2.0 / 1e6).abs() < 1e-15);
+    let cal = r.calibration.unwrap();
+    assert!(cal.not_applied.contains(&"qlora.per_call: assumed (no run with a generate phase)".to_string()));
+
+    // An eval-only record has nothing to calibrate from: an error for `cost`, skipped
+    // (and said so) by `report`.
+    rec.kind = ftbench_meter::RunKind::Eval;
+    rec.phases.retain(|p| p.name != "train");
+    rec.write_atomic(&rec_path).unwrap();
+    let e = cost_report(&CostArgs { config: common::article_config(), calibrate: vec![run.clone()], horizon: None, json: false })
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, format!("{}: no `train` phase and no `generate` phase with tokens: nothing to calibrate from", rec_path.display()));
+    let md = run_report(&ReportArgs {
+        runs: vec![run],
+        cost: Some(common::article_config()),
+        assumed_only: false,
+        horizon: None,
+        out: tmp.path().join("out"),
+    })
+    .unwrap();
+    assert!(std::fs::read_to_string(md).unwrap().contains("nothing to calibrate from"));
+}
