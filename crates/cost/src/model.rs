@@ -307,7 +307,7 @@ fn resolve(cfg: &CostConfig, s: &StrategyConfig, measured: &Measured) -> Strateg
         }
         "fixed" => {
             let c = pc.usd_per_call.unwrap_or(0.0);
-            (c, format!("{c} per call (assumed)"))
+            (c, format!("{c} per call"))
         }
         "table" => {
             let m = pc.monthly_usd.unwrap_or(0.0);
@@ -352,12 +352,20 @@ fn resolve(cfg: &CostConfig, s: &StrategyConfig, measured: &Measured) -> Strateg
                 }
                 _ => {
                     let m = pc.usd_per_mtok.unwrap_or(0.0);
-                    (tokens * m / 1e6, format!("{tokens} tokens x {m} / 1e6 (assumed)"))
+                    (tokens * m / 1e6, format!("{tokens} tokens x {m} / 1e6"))
                 }
             }
         }
     };
 
+    if measured.serving.is_none() || pc.mode != "self_hosted" {
+        inputs.push(Input {
+            name: "per_call_usd".into(),
+            value: per_call_usd,
+            unit: format!("{} ({}: {per_call_arithmetic})", cfg.currency, pc.mode),
+            origin: Origin::Assumed,
+        });
+    }
     let maintenance_per_year_usd = s
         .maintenance
         .as_ref()
