@@ -55,8 +55,9 @@ fn build_batch(rows: &[Vec<&Example>], pad_id: u32) -> Batch {
             n_tokens += ex.len();
         }
         // Next-token targets over the whole row, boundaries included (masked above).
-        for t in base..(base + seq_len).saturating_sub(1) {
-            targets[t] = input_ids[t + 1];
+        if seq_len > 1 {
+            let end = base + seq_len;
+            targets[base..end - 1].copy_from_slice(&input_ids[base + 1..end]);
         }
     }
     Batch {

@@ -33,7 +33,8 @@ pub struct LoadReport {
 }
 
 /// Loads one data file as tokenized examples, in file order. See [`DataFormat`] for the
-/// shapes; blank lines are skipped. Examples longer than `cfg.max_seq_len` are cut from the
+/// shapes; blank lines are skipped, keys other than the format's are ignored, a UTF-8 byte
+/// order mark and CRLF line ends are accepted. Examples longer than `cfg.max_seq_len` are cut from the
 /// right, and records whose prompt leaves no room for a completion token are dropped; both
 /// are counted in one warning per file.
 ///
@@ -456,7 +457,7 @@ fn encode_segments(
         let t = tok
             .encode(&s.text, false)
             .map_err(|e| Error::data(path, line, format!("cannot tokenize: {e}")))?;
-        mask.extend(std::iter::repeat(s.loss).take(t.len()));
+        mask.extend(std::iter::repeat_n(s.loss, t.len()));
         ids.extend(t);
     }
     if cfg.add_eos {
@@ -563,8 +564,10 @@ fn load_text(
 /// The non-blank lines of a JSONL file as objects, with 1-based line numbers.
 pub(crate) struct JsonLines<'a> {
     path: &'a Path,
-    lines: std::iter::Enumerate<std::slice::Split<'a, u8, fn(&u8) -> bool>>,
+    lines: std::iter::Enumerate<RawLines<'a>>,
 }
+
+type RawLines<'a> = std::slice::Split<'a, u8, fn(&u8) -> bool>;
 
 impl<'a> JsonLines<'a> {
     pub(crate) fn new(path: &'a Path, bytes: &'a [u8]) -> Self {
