@@ -34,9 +34,9 @@ pub struct LoadReport {
 
 /// Loads one data file as tokenized examples, in file order. See [`DataFormat`] for the
 /// shapes; blank lines are skipped, keys other than the format's are ignored, a UTF-8 byte
-/// order mark and CRLF line ends are accepted. Examples longer than `cfg.max_seq_len` are cut from the
-/// right, and records whose prompt leaves no room for a completion token are dropped; both
-/// are counted in one warning per file.
+/// order mark and CRLF line ends are accepted. Examples longer than `cfg.max_seq_len` are
+/// cut from the right, and records whose prompt leaves no room for a completion token are
+/// dropped; both are counted in one warning per file (and in [`LoadReport`]).
 ///
 /// Errors (`file:line: message`): unreadable file, invalid UTF-8 or JSON, a line that is not
 /// an object, a missing key or a value of the wrong type, a line of another shape than the

@@ -395,7 +395,7 @@ mod tests {
             .collect();
         let train = temp_file("train.jsonl", &rows);
         let cfg = DataConfig {
-            train_path: train.clone(),
+            train_path: train.to_path_buf(),
             heldout_fraction: 0.25,
             ..DataConfig::default()
         };
@@ -413,7 +413,7 @@ mod tests {
         assert_eq!(l.eval, d.eval[..3].to_vec());
         let eval = temp_file("eval.jsonl", "{\"prompt\": \"x\", \"completion\": \"y\"}\n");
         let with_eval = DataConfig {
-            eval_path: Some(eval),
+            eval_path: Some(eval.to_path_buf()),
             ..cfg
         };
         let e = load_datasets(&with_eval, &CharEncoder).unwrap();

@@ -1,6 +1,6 @@
 //! A char-level encoder and temporary files for the data tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::TextEncoder;
@@ -40,12 +40,36 @@ pub(crate) fn ids(s: &str) -> Vec<u32> {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// Writes `content` to a fresh file named `name` in a per-test temporary folder.
-pub(crate) fn temp_file(name: &str, content: &str) -> PathBuf {
+/// A file in a temporary folder of its own, removed with the folder on drop.
+pub(crate) struct TempFile(PathBuf);
+
+impl std::ops::Deref for TempFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempFile {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Writes `content` to a fresh file named `name` in a temporary folder of its own.
+pub(crate) fn temp_file(name: &str, content: &str) -> TempFile {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("ftbench-data-test-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, content).unwrap();
-    p
+    TempFile(p)
 }
