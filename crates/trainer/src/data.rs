@@ -1,1 +1,0 @@
-//! Datasets: JSONL and plain-text loaders, prompt templates, loss masks, batching.
