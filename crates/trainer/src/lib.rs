@@ -1,8 +1,19 @@
 //! ftbench's trainer: a decoder of its own for the Gemma 3 and Llama families that trains
 //! on candle, LoRA adapters with PEFT semantics and files, data loading and the training loop.
 
-pub mod error;
-pub mod tokenizer;
+pub mod config;
 pub mod data;
+pub mod error;
+pub mod eval;
+pub mod generate;
+pub mod loader;
+pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod train;
+pub mod tokenizer;
 
+pub use config::{Family, ModelConfig};
 pub use error::{Error, Result};
+pub use lora::LoraConfig;
+pub use model::{Decoder, TrainMode};

@@ -1,0 +1,691 @@
+//! The decoder: one implementation for the Llama family (Llama, Mistral, Qwen2) and Gemma 3,
+//! driven by [`ModelConfig`]. It trains (LoRA or full) and generates with a KV cache.
+//!
+//! Weights are kept under their HF module paths (`model.layers.0.self_attn.q_proj.weight`)
+//! so adapters and exports line up with HF checkpoints. Gemma's RMSNorm multiplies by
+//! `1 + w`; the decoder stores that effective factor and the loaders convert.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::rngs::StdRng;
+
+use crate::config::{Activation, ModelConfig};
+use crate::error::{Error, Result};
+use crate::lora::{dropout_mask, LoraAdapter, LoraConfig};
+use crate::ops;
+
+/// What a forward pass may change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainMode {
+    /// Inference: nothing trainable.
+    Frozen,
+    /// LoRA adapters on a frozen base.
+    Lora(LoraConfig),
+    /// Every weight is trainable.
+    Full,
+}
+
+/// A linear layer `y = x Wᵀ (+ b)` with an optional LoRA adapter.
+pub struct Linear {
+    /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    /// `[out, in]`
+    pub weight: Tensor,
+    /// Set in full fine-tuning: the weight as a variable.
+    weight_var: Option<Var>,
+    bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut y = match &self.weight_var {
+            Some(w) => x.broadcast_matmul(&w.as_tensor().t()?)?,
+            None => ops::frozen_linear(x, &self.weight)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(lora) = &self.lora {
+            let mask = match (&mut ctx.dropout_rng, lora.dropout > 0.0) {
+                (Some(rng), true) => Some(dropout_mask(x.dims(), lora.dropout, rng, x.device())?),
+                _ => None,
+            };
+            y = (y + lora.forward(x, mask.as_ref())?)?;
+        }
+        Ok(y)
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// The weight with the adapter merged: `W + scaling · B A`.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.current_weight();
+        match &self.lora {
+            Some(l) => {
+                let delta = l.delta()?.to_dtype(w.dtype())?;
+                Ok((w + delta)?)
+            }
+            None => Ok(w),
+        }
+    }
+
+    fn current_weight(&self) -> Tensor {
+        match &self.weight_var {
+            Some(v) => v.as_tensor().clone(),
+            None => self.weight.clone(),
+        }
+    }
+}
+
+/// An RMSNorm weight (the effective factor, `1 + w` for Gemma).
+struct Norm {
+    name: String,
+    weight: Tensor,
+    var: Option<Var>,
+    eps: f64,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match &self.var {
+            Some(v) => v.as_tensor(),
+            None => &self.weight,
+        };
+        Ok(ops::rms_norm(x, w, self.eps)?)
+    }
+}
+
+struct Block {
+    input_layernorm: Norm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    /// Gemma 3: RMSNorm over each head's queries and keys.
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    /// Gemma 3: norm of the attention output before the residual add.
+    post_attention_norm: Option<Norm>,
+    /// Norm before the MLP (Llama calls it `post_attention_layernorm`).
+    pre_mlp_norm: Norm,
+    /// Gemma 3: norm of the MLP output before the residual add.
+    post_mlp_norm: Option<Norm>,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    sliding: bool,
+    rope_base: f64,
+}
+
+/// Per-call state of a forward pass.
+pub struct Ctx<'a> {
+    /// Dropout generator while training; None disables dropout.
+    pub dropout_rng: Option<&'a mut StdRng>,
+}
+
+/// Keys and values of past positions, per layer: `[b, n_kv, t, head_dim]`.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Decoder {
+    pub config: ModelConfig,
+    pub device: Device,
+    embed_tokens: Tensor,
+    embed_var: Option<Var>,
+    blocks: Vec<Block>,
+    norm: Norm,
+    /// None when the embeddings are tied.
+    lm_head: Option<Linear>,
+    mode: TrainMode,
+}
+
+/// A weight source: HF names to tensors, in HF conventions (Gemma norms as stored by HF).
+pub type Weights = HashMap<String, Tensor>;
+
+impl Decoder {
+    /// Builds the decoder from HF-named weights. In LoRA mode, adapters are created on the
+    /// matching linear layers (seeded); an adapter that matches nothing is an error.
+    pub fn new(config: ModelConfig, mut weights: Weights, mode: TrainMode, seed: u64, device: &Device) -> Result<Self> {
+        config.validate().map_err(|m| Error::config("model", m))?;
+        let c = &config;
+        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = weights
+                .remove(name)
+                .ok_or_else(|| Error::config("model", format!("missing weight `{name}`")))?;
+            if t.dims() != shape {
+                return Err(Error::config(
+                    "model",
+                    format!("weight `{name}` has shape {:?}, expected {shape:?}", t.dims()),
+                ));
+            }
+            Ok(t.to_dtype(DType::F32)?.to_device(device)?)
+        };
+        let full = mode == TrainMode::Full;
+        let gemma = c.is_gemma();
+        let norm = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>, name: String, dim: usize| -> Result<Norm> {
+            let mut w = take(&format!("{name}.weight"), &[dim])?;
+            if gemma {
+                w = (w + 1.0)?;
+            }
+            let var = if full { Some(Var::from_tensor(&w)?) } else { None };
+            Ok(Norm { name, weight: w, var, eps: c.rms_norm_eps })
+        };
+        let linear = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>, name: String, out_f: usize, in_f: usize, bias: bool| -> Result<Linear> {
+            let weight = take(&format!("{name}.weight"), &[out_f, in_f])?;
+            let bias = if bias { Some(take(&format!("{name}.bias"), &[out_f])?) } else { None };
+            let weight_var = if full { Some(Var::from_tensor(&weight)?) } else { None };
+            Ok(Linear { name, weight, weight_var, bias, lora: None })
+        };
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let embed_tokens = take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor> = &mut take;
+            blocks.push(Block {
+                input_layernorm: norm(take, format!("{p}.input_layernorm"), h)?,
+                q_proj: linear(take, format!("{p}.self_attn.q_proj"), q_dim, h, c.qkv_bias)?,
+                k_proj: linear(take, format!("{p}.self_attn.k_proj"), kv_dim, h, c.qkv_bias)?,
+                v_proj: linear(take, format!("{p}.self_attn.v_proj"), kv_dim, h, c.qkv_bias)?,
+                o_proj: linear(take, format!("{p}.self_attn.o_proj"), h, q_dim, false)?,
+                q_norm: if gemma { Some(norm(take, format!("{p}.self_attn.q_norm"), c.head_dim)?) } else { None },
+                k_norm: if gemma { Some(norm(take, format!("{p}.self_attn.k_norm"), c.head_dim)?) } else { None },
+                post_attention_norm: if gemma { Some(norm(take, format!("{p}.post_attention_layernorm"), h)?) } else { None },
+                pre_mlp_norm: if gemma {
+                    norm(take, format!("{p}.pre_feedforward_layernorm"), h)?
+                } else {
+                    norm(take, format!("{p}.post_attention_layernorm"), h)?
+                },
+                post_mlp_norm: if gemma { Some(norm(take, format!("{p}.post_feedforward_layernorm"), h)?) } else { None },
+                gate_proj: linear(take, format!("{p}.mlp.gate_proj"), i, h, false)?,
+                up_proj: linear(take, format!("{p}.mlp.up_proj"), i, h, false)?,
+                down_proj: linear(take, format!("{p}.mlp.down_proj"), h, i, false)?,
+                sliding: c.sliding_layers[l],
+                rope_base: c.rope_base(l),
+            });
+        }
+        let norm_f = norm(&mut take, "model.norm".to_string(), h)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(linear(&mut take, "lm_head".to_string(), c.vocab_size, h, false)?)
+        };
+        let embed_var = if full { Some(Var::from_tensor(&embed_tokens)?) } else { None };
+        let mut model = Decoder {
+            config,
+            device: device.clone(),
+            embed_tokens,
+            embed_var,
+            blocks,
+            norm: norm_f,
+            lm_head,
+            mode: TrainMode::Frozen,
+        };
+        if let TrainMode::Lora(lc) = &mode {
+            model.add_adapters(lc, seed)?;
+        }
+        model.mode = mode;
+        Ok(model)
+    }
+
+    /// The linear layers in module order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = Vec::new();
+        for b in &self.blocks {
+            v.extend([&b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj]);
+        }
+        v.extend(self.lm_head.as_ref());
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = Vec::new();
+        for b in &mut self.blocks {
+            v.extend([
+                &mut b.q_proj,
+                &mut b.k_proj,
+                &mut b.v_proj,
+                &mut b.o_proj,
+                &mut b.gate_proj,
+                &mut b.up_proj,
+                &mut b.down_proj,
+            ]);
+        }
+        v.extend(self.lm_head.as_mut());
+        v
+    }
+
+    fn add_adapters(&mut self, lc: &LoraConfig, seed: u64) -> Result<()> {
+        let matcher = lc.matcher()?;
+        let mut rng = crate::lora::rng(seed);
+        let device = self.device.clone();
+        let mut n = 0;
+        for lin in self.linears_mut() {
+            if matcher.matches(&lin.name, lin.name == "lm_head") {
+                lin.lora = Some(LoraAdapter::init(lin.in_features(), lin.out_features(), lc, &mut rng, &device)?);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Err(Error::config(
+                "lora.target_modules",
+                format!("{:?} matches no linear layer of this model (names look like model.layers.0.self_attn.q_proj)", lc.target_modules),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Replaces the adapters' weights with those of a loaded PEFT adapter.
+    pub fn load_adapter(&mut self, adapter: &crate::lora::PeftAdapter, path: &std::path::Path) -> Result<()> {
+        let lc = adapter.config.clone();
+        let device = self.device.clone();
+        let mut rng = crate::lora::rng(0);
+        let mut used = 0;
+        for lin in self.linears_mut() {
+            if let Some((a, b)) = adapter.weights.get(&lin.name) {
+                let exp_a = [lc.rank, lin.in_features()];
+                let exp_b = [lin.out_features(), lc.rank];
+                if a.dims() != exp_a || b.dims() != exp_b {
+                    return Err(Error::Adapter {
+                        path: path.to_path_buf(),
+                        msg: format!(
+                            "`{}`: lora_A {:?} / lora_B {:?}, expected {exp_a:?} / {exp_b:?}",
+                            lin.name,
+                            a.dims(),
+                            b.dims()
+                        ),
+                    });
+                }
+                let ad = LoraAdapter::init(lin.in_features(), lin.out_features(), &lc, &mut rng, &device)?;
+                ad.a.set(&a.to_device(&device)?)?;
+                ad.b.set(&b.to_device(&device)?)?;
+                lin.lora = Some(ad);
+                used += 1;
+            }
+        }
+        if used != adapter.weights.len() {
+            let names: Vec<String> = self.linears().iter().map(|l| l.name.clone()).collect();
+            let missing: Vec<&String> = adapter.weights.keys().filter(|k| !names.contains(k)).collect();
+            return Err(Error::Adapter {
+                path: path.to_path_buf(),
+                msg: format!("modules not in the base model: {missing:?}"),
+            });
+        }
+        self.mode = TrainMode::Lora(lc);
+        Ok(())
+    }
+
+    pub fn mode(&self) -> &TrainMode {
+        &self.mode
+    }
+
+    /// Trainable variables with their names (PEFT keys for adapters, HF names otherwise).
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for lin in self.linears() {
+            if let Some(l) = &lin.lora {
+                out.push((crate::lora::peft_key(&lin.name, "lora_A"), l.a.clone()));
+                out.push((crate::lora::peft_key(&lin.name, "lora_B"), l.b.clone()));
+            }
+            if let Some(w) = &lin.weight_var {
+                out.push((format!("{}.weight", lin.name), w.clone()));
+            }
+        }
+        if let Some(v) = &self.embed_var {
+            out.push(("model.embed_tokens.weight".into(), v.clone()));
+        }
+        let mut norms: Vec<&Norm> = vec![&self.norm];
+        for b in &self.blocks {
+            norms.push(&b.input_layernorm);
+            norms.push(&b.pre_mlp_norm);
+            norms.extend([&b.q_norm, &b.k_norm, &b.post_attention_norm, &b.post_mlp_norm].into_iter().flatten());
+        }
+        for n in norms {
+            if let Some(v) = &n.var {
+                out.push((format!("{}.weight", n.name), v.clone()));
+            }
+        }
+        out
+    }
+
+    /// The adapters with their module paths.
+    pub fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
+        self.linears().into_iter().filter_map(|l| l.lora.as_ref().map(|a| (l.name.clone(), a))).collect()
+    }
+
+    /// Folds each adapter into its base weight and removes it.
+    pub fn merge_adapters(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for lin in self.linears_mut() {
+            if lin.lora.is_some() {
+                lin.weight = lin.merged_weight()?;
+                lin.lora = None;
+                n += 1;
+            }
+        }
+        self.mode = TrainMode::Frozen;
+        Ok(n)
+    }
+
+    /// The weights under HF names and conventions (Gemma norms as `w`, not `1 + w`), adapters
+    /// merged when `merge` is set, for export.
+    pub fn hf_weights(&self, merge: bool) -> Result<Weights> {
+        let gemma = self.config.is_gemma();
+        let mut w = Weights::new();
+        let embed = self.embed_var.as_ref().map_or(self.embed_tokens.clone(), |v| v.as_tensor().clone());
+        w.insert("model.embed_tokens.weight".into(), embed);
+        for lin in self.linears() {
+            let t = if merge { lin.merged_weight()? } else { lin.current_weight() };
+            w.insert(format!("{}.weight", lin.name), t);
+            if let Some(b) = &lin.bias {
+                w.insert(format!("{}.bias", lin.name), b.clone());
+            }
+        }
+        let mut norms: Vec<&Norm> = vec![&self.norm];
+        for b in &self.blocks {
+            norms.push(&b.input_layernorm);
+            norms.push(&b.pre_mlp_norm);
+            norms.extend([&b.q_norm, &b.k_norm, &b.post_attention_norm, &b.post_mlp_norm].into_iter().flatten());
+        }
+        for n in norms {
+            let t = n.var.as_ref().map_or(n.weight.clone(), |v| v.as_tensor().clone());
+            w.insert(format!("{}.weight", n.name), if gemma { (t - 1.0)? } else { t });
+        }
+        Ok(w)
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let table = self.embed_var.as_ref().map_or(&self.embed_tokens, |v| v.as_tensor());
+        let x = table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        Ok(match self.config.embedding_scale() {
+            Some(s) => (x * s)?,
+            None => x,
+        })
+    }
+
+    /// cos/sin tables `[t, head_dim/2]` for positions `start..start+t` at RoPE base `base`.
+    fn rope_tables(&self, base: f64, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let d = self.config.head_dim;
+        let mut inv_freq: Vec<f64> = (0..d / 2).map(|i| 1.0 / base.powf(2.0 * i as f64 / d as f64)).collect();
+        if let Some(s) = &self.config.rope_scaling {
+            if s.rope_type == "linear" {
+                inv_freq.iter_mut().for_each(|f| *f /= s.factor);
+            } else {
+                // Llama 3: long wavelengths divided by `factor`, short ones kept, a smooth
+                // interpolation between.
+                let low = s.low_freq_factor.unwrap_or(1.0);
+                let high = s.high_freq_factor.unwrap_or(4.0);
+                let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+                let (low_wl, high_wl) = (old / low, old / high);
+                for f in inv_freq.iter_mut() {
+                    let wl = 2.0 * std::f64::consts::PI / *f;
+                    if wl > low_wl {
+                        *f /= s.factor;
+                    } else if wl >= high_wl {
+                        let smooth = (old / wl - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                    }
+                }
+            }
+        }
+        let angles: Vec<f32> = (start..start + t)
+            .flat_map(|p| inv_freq.iter().map(move |f| (p as f64 * f) as f32))
+            .collect();
+        let angles = Tensor::from_vec(angles, (t, d / 2), &self.device)?;
+        Ok((angles.cos()?, angles.sin()?))
+    }
+
+    /// Additive attention mask `[rows, total]` for `t` new positions after `past` cached
+    /// ones; rows are `groups` copies of the `t` query positions (grouped-query layout).
+    fn attention_mask(&self, t: usize, past: usize, groups: usize, window: Option<usize>) -> Result<Tensor> {
+        let total = past + t;
+        let mut m = vec![0f32; groups * t * total];
+        for g in 0..groups {
+            for r in 0..t {
+                let pos = past + r;
+                let row = &mut m[(g * t + r) * total..(g * t + r + 1) * total];
+                for (j, v) in row.iter_mut().enumerate() {
+                    let too_old = window.is_some_and(|w| j + w <= pos);
+                    if j > pos || too_old {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (groups * t, total), &self.device)?)
+    }
+
+    /// Hidden states after the final norm, `[b, t, hidden]`. With a cache, `ids` are the new
+    /// positions and the cache is extended.
+    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, ctx: &mut Ctx) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if past + t > c.max_position_embeddings {
+            return Err(Error::config(
+                "max_seq_len",
+                format!("sequence of {} tokens exceeds the model's context of {}", past + t, c.max_position_embeddings),
+            ));
+        }
+        if let Some(cache) = cache.as_deref_mut() {
+            if cache.layers.is_empty() {
+                cache.layers = vec![None; self.blocks.len()];
+            }
+        }
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let groups = nh / nkv;
+        // rope tables and masks, shared by layers of the same kind
+        let mut tables: Vec<(f64, Tensor, Tensor)> = Vec::new();
+        let full_mask = self.attention_mask(t, past, groups, None)?;
+        let local_mask = match c.sliding_window {
+            Some(w) => Some(self.attention_mask(t, past, groups, Some(w))?),
+            None => None,
+        };
+        let mut x = self.embed(ids)?;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            if !tables.iter().any(|(base, _, _)| *base == blk.rope_base) {
+                let (cos, sin) = self.rope_tables(blk.rope_base, past, t)?;
+                tables.push((blk.rope_base, cos, sin));
+            }
+            let (_, cos, sin) = tables.iter().find(|(base, _, _)| *base == blk.rope_base).unwrap();
+
+            // attention: [b, t, h] -> q [b, nh, t, hd], k/v [b, nkv, t, hd]
+            let residual = &x;
+            let h = blk.input_layernorm.forward(&x)?;
+            let q = blk.q_proj.forward(&h, ctx)?.reshape((b, t, nh, hd))?;
+            let k = blk.k_proj.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
+            let v = blk.v_proj.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
+            let (q, k) = match (&blk.q_norm, &blk.k_norm) {
+                (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+                _ => (q, k),
+            };
+            let q = ops::rope(&q.transpose(1, 2)?, cos, sin)?;
+            let mut k = ops::rope(&k.transpose(1, 2)?, cos, sin)?;
+            let mut v = v.transpose(1, 2)?.contiguous()?;
+            if let Some(cache) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &cache.layers[l] {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                cache.layers[l] = Some((k.clone(), v.clone()));
+            }
+            let total = past + t;
+            // grouped-query attention without repeating k/v: q as [b, nkv, groups·t, hd]
+            let qg = q.reshape((b, nkv, groups * t, hd))?;
+            let mut scores = (qg.matmul(&k.t()?)? * c.attention_scale())?; // [b, nkv, g·t, total]
+            if let Some(cap) = c.attn_logit_softcapping {
+                scores = ((scores / cap)?.tanh()? * cap)?;
+            }
+            let mask = if blk.sliding { local_mask.as_ref().unwrap_or(&full_mask) } else { &full_mask };
+            let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
+            let attn = probs.matmul(&v)?; // [b, nkv, g·t, hd]
+            let attn = attn.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            debug_assert_eq!(total, k.dims()[2]);
+            let mut a = blk.o_proj.forward(&attn, ctx)?;
+            if let Some(n) = &blk.post_attention_norm {
+                a = n.forward(&a)?;
+            }
+            x = (residual + a)?;
+
+            // MLP: act(gate) * up -> down
+            let h = blk.pre_mlp_norm.forward(&x)?;
+            let gate = blk.gate_proj.forward(&h, ctx)?;
+            let gate = match c.hidden_act {
+                Activation::Silu => candle_nn::ops::silu(&gate)?,
+                Activation::GeluTanh => gate.gelu()?,
+            };
+            let up = blk.up_proj.forward(&h, ctx)?;
+            let mut m = blk.down_proj.forward(&(gate * up)?, ctx)?;
+            if let Some(n) = &blk.post_mlp_norm {
+                m = n.forward(&m)?;
+            }
+            x = (x + m)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The LM head weight `[vocab, hidden]`.
+    fn head_weight(&self) -> Tensor {
+        match &self.lm_head {
+            Some(l) => l.weight_var.as_ref().map_or(l.weight.clone(), |v| v.as_tensor().clone()),
+            None => self.embed_var.as_ref().map_or(self.embed_tokens.clone(), |v| v.as_tensor().clone()),
+        }
+    }
+
+    /// Logits `[b, t, vocab]` (for scoring and generation; training uses [`Decoder::loss`]).
+    pub fn forward_logits(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, &mut Ctx { dropout_rng: None })?;
+        let mut logits = h.broadcast_matmul(&self.head_weight().t()?)?;
+        if let Some(lora) = self.lm_head.as_ref().and_then(|l| l.lora.as_ref()) {
+            logits = (logits + lora.forward(&h, None)?)?;
+        }
+        if let Some(cap) = self.config.final_logit_softcapping {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
+    }
+
+    /// Masked mean next-token cross-entropy of a batch. `ids`, `targets`: `[b, t]`;
+    /// `mask`: per position, the loss weight (0 for prompt and padding).
+    pub fn loss(&self, ids: &Tensor, targets: &[u32], mask: &[f32], rng: Option<&mut StdRng>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let h = self.forward_hidden(ids, None, &mut Ctx { dropout_rng: rng })?;
+        let h = h.reshape((b * t, self.config.hidden_size))?;
+        if self.lm_head.as_ref().is_some_and(|l| l.lora.is_some()) {
+            // an adapter on the LM head: full logits through candle ops
+            let logits = self.forward_logits_from_hidden(&h)?;
+            return masked_cross_entropy(&logits, targets, mask);
+        }
+        let weight_grad = self.mode == TrainMode::Full;
+        Ok(ops::lm_head_loss(&h, &self.head_weight(), targets.to_vec(), mask.to_vec(), weight_grad, self.config.final_logit_softcapping)?)
+    }
+
+    fn forward_logits_from_hidden(&self, h: &Tensor) -> Result<Tensor> {
+        let mut logits = h.matmul(&self.head_weight().t()?)?;
+        if let Some(lora) = self.lm_head.as_ref().and_then(|l| l.lora.as_ref()) {
+            logits = (logits + lora.forward(h, None)?)?;
+        }
+        if let Some(cap) = self.config.final_logit_softcapping {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
+    }
+}
+
+/// Masked mean cross-entropy of `logits: [n, vocab]` (candle's own has no mask).
+pub fn masked_cross_entropy(logits: &Tensor, targets: &[u32], mask: &[f32]) -> Result<Tensor> {
+    let n = targets.len();
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let idx = Tensor::from_slice(targets, (n, 1), logits.device())?;
+    let nll = logp.gather(&idx, 1)?.squeeze(1)?.neg()?;
+    let m = Tensor::from_slice(mask, n, logits.device())?.to_dtype(logits.dtype())?;
+    let denom = mask.iter().map(|&v| v as f64).sum::<f64>().max(1.0);
+    Ok(((nll * m)?.sum_all()? / denom)?)
+}
+
+/// Random weights for a config, HF names: normal(0, 0.02) matrices, norms near their
+/// identity, for tests and benchmarks.
+pub fn random_weights(c: &ModelConfig, seed: u64, device: &Device) -> Result<Weights> {
+    use rand::{Rng, SeedableRng};
+    use rand_distr_free::normal;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut w = Weights::new();
+    let mat = |name: String, shape: (usize, usize), w: &mut Weights, rng: &mut StdRng| -> Result<()> {
+        let n = shape.0 * shape.1;
+        let v: Vec<f32> = (0..n).map(|_| (normal(rng) * 0.02) as f32).collect();
+        w.insert(name, Tensor::from_vec(v, shape, device)?);
+        Ok(())
+    };
+    let gemma = c.is_gemma();
+    let norm = |name: String, dim: usize, w: &mut Weights, rng: &mut StdRng| -> Result<()> {
+        // HF convention: Gemma stores w (applied as 1 + w), others store the factor.
+        let v: Vec<f32> = (0..dim).map(|_| (if gemma { 0.0 } else { 1.0 }) + rng.random_range(-0.1..0.1f32)).collect();
+        w.insert(name, Tensor::from_vec(v, dim, device)?);
+        Ok(())
+    };
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    mat("model.embed_tokens.weight".into(), (c.vocab_size, h), &mut w, &mut rng)?;
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        norm(format!("{p}.input_layernorm.weight"), h, &mut w, &mut rng)?;
+        mat(format!("{p}.self_attn.q_proj.weight"), (q, h), &mut w, &mut rng)?;
+        mat(format!("{p}.self_attn.k_proj.weight"), (kv, h), &mut w, &mut rng)?;
+        mat(format!("{p}.self_attn.v_proj.weight"), (kv, h), &mut w, &mut rng)?;
+        mat(format!("{p}.self_attn.o_proj.weight"), (h, q), &mut w, &mut rng)?;
+        if c.qkv_bias {
+            for (n, d) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                let v: Vec<f32> = (0..d).map(|_| (normal(&mut rng) * 0.02) as f32).collect();
+                w.insert(format!("{p}.self_attn.{n}.bias"), Tensor::from_vec(v, d, device)?);
+            }
+        }
+        mat(format!("{p}.mlp.gate_proj.weight"), (i, h), &mut w, &mut rng)?;
+        mat(format!("{p}.mlp.up_proj.weight"), (i, h), &mut w, &mut rng)?;
+        mat(format!("{p}.mlp.down_proj.weight"), (h, i), &mut w, &mut rng)?;
+        norm(format!("{p}.post_attention_layernorm.weight"), h, &mut w, &mut rng)?;
+        if gemma {
+            norm(format!("{p}.self_attn.q_norm.weight"), c.head_dim, &mut w, &mut rng)?;
+            norm(format!("{p}.self_attn.k_norm.weight"), c.head_dim, &mut w, &mut rng)?;
+            norm(format!("{p}.pre_feedforward_layernorm.weight"), h, &mut w, &mut rng)?;
+            norm(format!("{p}.post_feedforward_layernorm.weight"), h, &mut w, &mut rng)?;
+        }
+    }
+    norm("model.norm.weight".into(), h, &mut w, &mut rng)?;
+    if !c.tie_word_embeddings {
+        mat("lm_head.weight".into(), (c.vocab_size, h), &mut w, &mut rng)?;
+    }
+    Ok(w)
+}
+
+/// A standard normal sample by Box-Muller, so no extra crate is needed.
+mod rand_distr_free {
+    use rand::Rng;
+    pub fn normal(rng: &mut impl Rng) -> f64 {
+        let u1: f64 = rng.random::<f64>().max(1e-300);
+        let u2: f64 = rng.random::<f64>();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}

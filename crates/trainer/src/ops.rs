@@ -1,0 +1,618 @@
+//! Custom ops with hand-written backward passes.
+//!
+//! candle's fast `rms_norm`, `softmax_last_dim` and `rope` record no backward, and a plain
+//! `matmul` against a frozen weight still computes that weight's gradient. The ops here run a
+//! fused forward kernel and record a backward, so gradients reach every trainable tensor:
+//!
+//! - [`rms_norm`]: `y = x / sqrt(mean(x²) + eps) * w` over the last dim, gradients for x and w;
+//! - [`softmax_last_dim`]: with the backward `dx = y * (dy - sum(dy * y))`;
+//! - [`rope`]: rotary embedding on `[b, h, t, d]` (halves rotated, HF layout), the backward
+//!   being the rotation by the opposite angle;
+//! - [`frozen_linear`]: `y = x Wᵀ` whose backward returns only `dx = dy W`;
+//! - [`lm_head_loss`]: the LM head and masked cross-entropy computed chunk by chunk, so the
+//!   `[tokens, vocab]` logits never exist in full.
+//!
+//! The forward kernels are written for the CPU (f32 and f64); the backward passes are candle
+//! tensor ops.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType, D};
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+macro_rules! dispatch_float {
+    ($s:expr, $op:expr, $f:ident, $($arg:expr),*) => {
+        match $s.dtype() {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            dt => candle_core::bail!("{}: unsupported dtype {dt:?} (expected f32 or f64)", $op),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+struct RmsNorm {
+    eps: f64,
+}
+
+fn rms_norm_fwd<T: WithDType>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    eps: f64,
+) -> CResult<(CpuStorage, Shape)> {
+    let x = contiguous_slice::<T>(xs, xl, "rms_norm")?;
+    let w = contiguous_slice::<T>(ws, wl, "rms_norm")?;
+    let d = w.len();
+    if d == 0 || xl.dims().last() != Some(&d) {
+        candle_core::bail!("rms_norm: weight of {d} elements for input {:?}", xl.dims());
+    }
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
+        let ms = xr.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / d as f64;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+            *yv = T::from_f64(xv.to_f64() * r * wv.to_f64());
+        }
+    });
+    Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "ftbench-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        dispatch_float!(xs, "rms_norm", rms_norm_fwd, xs, xl, ws, wl, self.eps)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        // r = 1/rms(x), xhat = x r; dw = Σ_rows dy xhat; dx = r (g - xhat mean(g xhat)), g = dy w
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let xhat = x.broadcast_mul(&r)?;
+        let d = w.dim(0)?;
+        let dw = (dy * &xhat)?.reshape(((), d))?.sum(0)?;
+        let g = dy.broadcast_mul(w)?;
+        let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+        let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&r)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// RMS normalisation over the last dimension, `x / sqrt(mean(x²) + eps) * w`, with backward.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    let x = x.contiguous()?;
+    x.apply_op2(w, RmsNorm { eps })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension
+
+struct Softmax;
+
+fn softmax_fwd<T: WithDType>(s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+    let x = contiguous_slice::<T>(s, l, "softmax")?;
+    let d = *l.dims().last().unwrap_or(&1);
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(d.max(1)).zip(x.par_chunks(d.max(1))).for_each(|(yr, xr)| {
+        let max = xr.iter().map(|v| v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+        let mut sum = 0.0;
+        for (yv, xv) in yr.iter_mut().zip(xr) {
+            let e = (xv.to_f64() - max).exp();
+            sum += e;
+            *yv = T::from_f64(e);
+        }
+        let inv = 1.0 / sum;
+        for yv in yr.iter_mut() {
+            *yv = T::from_f64(yv.to_f64() * inv);
+        }
+    });
+    Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "ftbench-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        dispatch_float!(s, "softmax", softmax_fwd, s, l)
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * dy.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// Softmax over the last dimension, with backward.
+pub fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary position embedding
+
+struct Rope {
+    /// `[t, d/2]`
+    cos: Tensor,
+    /// `[t, d/2]`, negated for the backward pass
+    sin: Tensor,
+}
+
+fn rope_fwd<T: WithDType>(
+    s: &CpuStorage,
+    l: &Layout,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> CResult<(CpuStorage, Shape)> {
+    let x = contiguous_slice::<T>(s, l, "rope")?;
+    let (_b, _h, t, d) = l.shape().dims4()?;
+    let half = d / 2;
+    if cos.dims() != [t, half] || sin.dims() != [t, half] {
+        candle_core::bail!("rope: cos/sin of shape {:?} for input {:?}", cos.dims(), l.dims());
+    }
+    let cos = cos.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let sin = sin.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let mut y = vec![T::zero(); x.len()];
+    // one chunk per (batch, head): [t, d]
+    y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(yh, xh)| {
+        for p in 0..t {
+            let (xr, yr) = (&xh[p * d..(p + 1) * d], &mut yh[p * d..(p + 1) * d]);
+            for i in 0..half {
+                let (c, sn) = (cos[p * half + i], sin[p * half + i]);
+                let (x1, x2) = (xr[i].to_f64(), xr[i + half].to_f64());
+                yr[i] = T::from_f64(x1 * c - x2 * sn);
+                yr[i + half] = T::from_f64(x2 * c + x1 * sn);
+            }
+        }
+    });
+    Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "ftbench-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        dispatch_float!(s, "rope", rope_fwd, s, l, &self.cos, &self.sin)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        // The rotation is orthogonal: its transpose is the rotation by -θ.
+        let inverse = Rope { cos: self.cos.clone(), sin: self.sin.neg()? };
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
+/// Rotary embedding of `x: [b, h, t, d]` with `cos, sin: [t, d/2]` (the two halves of the head
+/// dimension are rotated together, as in HF transformers), with backward.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    let cos = cos.to_dtype(x.dtype())?;
+    let sin = sin.to_dtype(x.dtype())?;
+    x.contiguous()?.apply_op1(Rope { cos, sin })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frozen linear
+
+struct FrozenLinear {
+    /// `[out, in]`
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "ftbench-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (out_f, in_f) = self.weight.dims2()?;
+        let dims = l.dims();
+        if dims.last() != Some(&in_f) {
+            candle_core::bail!("frozen_linear: input {dims:?} for weight [{out_f}, {in_f}]");
+        }
+        let m = l.shape().elem_count() / in_f;
+        let Some((offset, _)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen_linear: input must be contiguous")
+        };
+        let xl = Layout::contiguous_with_offset((m, in_f), offset);
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen_linear: weight is not on the cpu")
+        };
+        let wt = wl.transpose(0, 1)?; // [in, out] view of [out, in]
+        let y = s.matmul(ws, (1, m, out_f, in_f), &xl, &wt)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap() = out_f;
+        Ok((y, Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let (out_f, in_f) = self.weight.dims2()?;
+        let mut dims = dy.dims().to_vec();
+        let dx = dy.reshape(((), out_f))?.matmul(&self.weight)?;
+        *dims.last_mut().unwrap() = in_f;
+        Ok(Some(dx.reshape(dims)?))
+    }
+}
+
+/// `x Wᵀ` for a frozen `W: [out, in]`; the backward returns only the input gradient.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> CResult<Tensor> {
+    if !x.device().is_cpu() {
+        // Non-CPU devices: same maths through candle's matmul on a detached weight copy is
+        // not possible without a weight gradient, so refuse loudly rather than silently
+        // spending memory.
+        candle_core::bail!("frozen_linear: only the cpu device is supported in this build");
+    }
+    x.contiguous()?.apply_op1(FrozenLinear { weight: weight.clone() })
+}
+
+// ---------------------------------------------------------------------------------------------
+// LM head + masked cross-entropy, chunked
+
+/// Tokens per chunk of the LM head: the logits of one chunk are `[chunk, vocab]`.
+pub const LM_HEAD_CHUNK: usize = 128;
+
+struct LmHeadLoss {
+    targets: Vec<u32>,
+    /// per-token loss weight (0 for tokens without loss); the loss is Σ mask·nll / Σ mask
+    mask: Vec<f32>,
+    /// when set, the gradient of `W` is computed too (full fine-tuning)
+    weight_grad: bool,
+    softcap: Option<f64>,
+    /// filled by the forward pass: (d loss / d hidden, d loss / d W)
+    grads: Mutex<Option<(Tensor, Option<Tensor>)>>,
+}
+
+impl LmHeadLoss {
+    fn forward<T: WithDType>(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let h = contiguous_slice::<T>(hs, hl, "lm_head_loss")?;
+        let w = contiguous_slice::<T>(ws, wl, "lm_head_loss")?;
+        let (n, hidden) = hl.shape().dims2()?;
+        let (vocab, hidden_w) = wl.shape().dims2()?;
+        if hidden != hidden_w || self.targets.len() != n || self.mask.len() != n {
+            candle_core::bail!(
+                "lm_head_loss: hidden [{n}, {hidden}], weight [{vocab}, {hidden_w}], {} targets, {} mask values",
+                self.targets.len(),
+                self.mask.len()
+            );
+        }
+        if let Some(&bad) = self.targets.iter().find(|&&t| t as usize >= vocab) {
+            candle_core::bail!("lm_head_loss: target id {bad} outside the vocabulary of {vocab}");
+        }
+        let dev = candle_core::Device::Cpu;
+        let w_t = Tensor::from_slice(w, (vocab, hidden), &dev)?;
+        let denom: f64 = self.mask.iter().map(|&m| m as f64).sum::<f64>().max(1.0);
+        let mut loss = 0.0f64;
+        let mut dh = vec![T::zero(); n * hidden];
+        let mut dw: Option<Tensor> = None;
+        for start in (0..n).step_by(LM_HEAD_CHUNK) {
+            let end = (start + LM_HEAD_CHUNK).min(n);
+            let c = end - start;
+            if self.mask[start..end].iter().all(|&m| m == 0.0) {
+                continue;
+            }
+            let hc = Tensor::from_slice(&h[start * hidden..end * hidden], (c, hidden), &dev)?;
+            let logits = hc.matmul(&w_t.t()?)?; // [c, vocab]
+            let mut dlogits = logits.flatten_all()?.to_vec1::<T>()?;
+            let chunk_loss: f64 = dlogits
+                .par_chunks_mut(vocab)
+                .enumerate()
+                .map(|(i, row)| {
+                    let m = self.mask[start + i] as f64;
+                    if m == 0.0 {
+                        row.iter_mut().for_each(|v| *v = T::zero());
+                        return 0.0;
+                    }
+                    let tgt = self.targets[start + i] as usize;
+                    // optional soft-capping: z = cap·tanh(l / cap), dz/dl = 1 - (z/cap)²
+                    let capped = |l: f64| match self.softcap {
+                        Some(cap) => cap * (l / cap).tanh(),
+                        None => l,
+                    };
+                    let max = row.iter().map(|v| capped(v.to_f64())).fold(f64::NEG_INFINITY, f64::max);
+                    let sum: f64 = row.iter().map(|v| (capped(v.to_f64()) - max).exp()).sum();
+                    let lse = max + sum.ln();
+                    let nll = lse - capped(row[tgt].to_f64());
+                    let scale = m / denom;
+                    for (j, v) in row.iter_mut().enumerate() {
+                        let z = capped(v.to_f64());
+                        let mut g = (z - lse).exp();
+                        if j == tgt {
+                            g -= 1.0;
+                        }
+                        if let Some(cap) = self.softcap {
+                            g *= 1.0 - (z / cap) * (z / cap);
+                        }
+                        *v = T::from_f64(g * scale);
+                    }
+                    nll * scale
+                })
+                .sum();
+            loss += chunk_loss;
+            let dl = Tensor::from_vec(dlogits, (c, vocab), &dev)?;
+            let dhc = dl.matmul(&w_t)?.flatten_all()?.to_vec1::<T>()?;
+            dh[start * hidden..end * hidden].copy_from_slice(&dhc);
+            if self.weight_grad {
+                let g = dl.t()?.matmul(&hc)?; // [vocab, hidden]
+                dw = Some(match dw {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                });
+            }
+        }
+        let dh = Tensor::from_vec(dh, (n, hidden), &dev)?;
+        let dw = match (self.weight_grad, dw) {
+            (true, None) => Some(Tensor::zeros((vocab, hidden), T::DTYPE, &dev)?),
+            (_, dw) => dw,
+        };
+        *self.grads.lock().unwrap() = Some((dh, dw));
+        Ok((T::to_cpu_storage_owned(vec![T::from_f64(loss)]), Shape::from(())))
+    }
+}
+
+impl CustomOp2 for LmHeadLoss {
+    fn name(&self) -> &'static str {
+        "ftbench-lm-head-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        match hs.dtype() {
+            DType::F32 => self.forward::<f32>(hs, hl, ws, wl),
+            DType::F64 => self.forward::<f64>(hs, hl, ws, wl),
+            dt => candle_core::bail!("lm_head_loss: unsupported dtype {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _h: &Tensor,
+        _w: &Tensor,
+        _loss: &Tensor,
+        dloss: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let guard = self.grads.lock().unwrap();
+        let Some((dh, dw)) = guard.as_ref() else {
+            candle_core::bail!("lm_head_loss: backward before forward")
+        };
+        let dh = dh.broadcast_mul(dloss)?;
+        let dw = match dw {
+            Some(dw) => Some(dw.broadcast_mul(dloss)?),
+            None => None,
+        };
+        Ok((Some(dh), dw))
+    }
+}
+
+/// Masked mean cross-entropy of `softcap(h Wᵀ)` against `targets`, computed in chunks of
+/// [`LM_HEAD_CHUNK`] tokens. `h: [n, hidden]`, `w: [vocab, hidden]`; `mask[i]` weights token
+/// i's loss (0 = no loss). The gradient for `h` (and for `w` when `weight_grad`) is computed
+/// during the forward pass and kept until the backward.
+pub fn lm_head_loss(
+    h: &Tensor,
+    w: &Tensor,
+    targets: Vec<u32>,
+    mask: Vec<f32>,
+    weight_grad: bool,
+    softcap: Option<f64>,
+) -> CResult<Tensor> {
+    if !h.device().is_cpu() {
+        candle_core::bail!("lm_head_loss: only the cpu device is supported in this build");
+    }
+    let op = LmHeadLoss { targets, mask, weight_grad, softcap, grads: Mutex::new(None) };
+    h.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+/// The reference the chunked loss is tested against: full logits, log-softmax, masked mean.
+pub fn lm_head_loss_reference(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    mask: &[f32],
+) -> CResult<Tensor> {
+    let logits = h.matmul(&w.t()?)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let n = targets.len();
+    let idx = Tensor::from_slice(targets, (n, 1), h.device())?;
+    let nll = logp.gather(&idx, 1)?.squeeze(1)?.neg()?;
+    let m = Tensor::from_slice(mask, n, h.device())?.to_dtype(h.dtype())?;
+    let denom = mask.iter().map(|&v| v as f64).sum::<f64>().max(1.0);
+    (nll * m)?.sum_all()? / denom
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        // a small deterministic generator so the tests do not depend on candle's RNG
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// Gradients of `sum(f(x) * probe)` through the op against the same through composed
+    /// candle ops, in f64.
+    fn check_against_composed(
+        inputs: &[Tensor],
+        op: impl Fn(&[Tensor]) -> Tensor,
+        composed: impl Fn(&[Tensor]) -> Tensor,
+        tol: f64,
+    ) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y1 = op(&ts);
+        let y2 = composed(&ts);
+        assert!(max_abs_diff(&y1, &y2) < tol, "forward differs: {}", max_abs_diff(&y1, &y2));
+        let probe = randn(y1.dims(), 99);
+        let g1 = (&y1 * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let a = g1.get(v).unwrap_or_else(|| panic!("op gave no gradient for input {i}"));
+            let b = g2.get(v).unwrap();
+            let d = max_abs_diff(a, b);
+            assert!(d < tol, "gradient of input {i} differs by {d}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_composed_ops() {
+        let x = randn(&[2, 3, 8], 1);
+        let w = randn(&[8], 2);
+        let eps = 1e-6;
+        check_against_composed(
+            &[x, w],
+            |t| rms_norm(&t[0], &t[1], eps).unwrap(),
+            |t| {
+                let r = (t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps).unwrap().sqrt().unwrap();
+                t[0].broadcast_div(&r).unwrap().broadcast_mul(&t[1]).unwrap()
+            },
+            1e-10,
+        );
+    }
+
+    #[test]
+    fn softmax_matches_composed_ops() {
+        let x = (randn(&[3, 4, 7], 3) * 5.0).unwrap();
+        check_against_composed(
+            &[x],
+            |t| softmax_last_dim(&t[0]).unwrap(),
+            |t| {
+                let e = t[0].exp().unwrap();
+                e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+            },
+            1e-10,
+        );
+    }
+
+    #[test]
+    fn rope_matches_composed_ops() {
+        let (t, d) = (5, 8);
+        let x = randn(&[2, 3, t, d], 4);
+        let theta: Vec<f64> =
+            (0..t).flat_map(|p| (0..d / 2).map(move |i| p as f64 / 10000f64.powf(2.0 * i as f64 / d as f64))).collect();
+        let theta = Tensor::from_vec(theta, (t, d / 2), &Device::Cpu).unwrap();
+        let (cos, sin) = (theta.cos().unwrap(), theta.sin().unwrap());
+        let (c2, s2) = (cos.clone(), sin.clone());
+        check_against_composed(
+            &[x],
+            move |tt| rope(&tt[0], &cos, &sin).unwrap(),
+            move |tt| {
+                let x1 = tt[0].narrow(3, 0, d / 2).unwrap();
+                let x2 = tt[0].narrow(3, d / 2, d / 2).unwrap();
+                let a = (x1.broadcast_mul(&c2).unwrap() - x2.broadcast_mul(&s2).unwrap()).unwrap();
+                let b = (x2.broadcast_mul(&c2).unwrap() + x1.broadcast_mul(&s2).unwrap()).unwrap();
+                Tensor::cat(&[a, b], 3).unwrap()
+            },
+            1e-10,
+        );
+    }
+
+    #[test]
+    fn frozen_linear_gives_input_gradient_only() {
+        let x = Var::from_tensor(&randn(&[2, 3, 6], 5)).unwrap();
+        let w = Var::from_tensor(&randn(&[4, 6], 6)).unwrap();
+        let y = frozen_linear(x.as_tensor(), w.as_tensor()).unwrap();
+        let y_ref = x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap();
+        assert!(max_abs_diff(&y, &y_ref) < 1e-12);
+        let probe = randn(&[2, 3, 4], 7);
+        let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (&y_ref * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_abs_diff(g.get(&x).unwrap(), g_ref.get(&x).unwrap()) < 1e-12);
+        assert!(g.get(&w).is_none(), "the frozen weight must get no gradient");
+    }
+
+    #[test]
+    fn chunked_lm_loss_matches_full_logits() {
+        // 300 tokens: three chunks, the last one partial; some tokens masked out
+        let (n, hidden, vocab) = (300, 16, 50);
+        let h = randn(&[n, hidden], 8);
+        let w = randn(&[vocab, hidden], 9);
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % vocab as u32).collect();
+        let mask: Vec<f32> = (0..n).map(|i| if i % 5 == 0 { 0.0 } else { 1.0 }).collect();
+        let (t2, m2) = (targets.clone(), mask.clone());
+        let hv = Var::from_tensor(&h).unwrap();
+        let wv = Var::from_tensor(&w).unwrap();
+        let l1 = lm_head_loss(hv.as_tensor(), wv.as_tensor(), targets, mask, true, None).unwrap();
+        let l2 = lm_head_loss_reference(hv.as_tensor(), wv.as_tensor(), &t2, &m2).unwrap();
+        assert!(max_abs_diff(&l1, &l2) < 1e-10);
+        let g1 = (&l1 * 3.0).unwrap().backward().unwrap();
+        let g2 = (&l2 * 3.0).unwrap().backward().unwrap();
+        assert!(max_abs_diff(g1.get(&hv).unwrap(), g2.get(&hv).unwrap()) < 1e-10);
+        assert!(max_abs_diff(g1.get(&wv).unwrap(), g2.get(&wv).unwrap()) < 1e-10);
+    }
+
+    #[test]
+    fn rms_norm_gradient_matches_finite_differences() {
+        let x = randn(&[1, 5], 10);
+        let w = randn(&[5], 11);
+        let xv = Var::from_tensor(&x).unwrap();
+        let probe = randn(&[1, 5], 12);
+        let f = |x: &Tensor| (rms_norm(x, &w, 1e-6).unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let g = (rms_norm(xv.as_tensor(), &w, 1e-6).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = g.get(&xv).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let h = 1e-6;
+        for i in 0..xs.len() {
+            let mut p = xs.clone();
+            p[i] += h;
+            let mut m = xs.clone();
+            m[i] -= h;
+            let fd = (f(&Tensor::from_vec(p, (1, 5), &Device::Cpu).unwrap())
+                - f(&Tensor::from_vec(m, (1, 5), &Device::Cpu).unwrap()))
+                / (2.0 * h);
+            assert!((fd - g[i]).abs() < 1e-7, "element {i}: finite difference {fd}, backward {}", g[i]);
+        }
+    }
+}
