@@ -1,1 +1,70 @@
-fn main() {}
+//! `ftbench`: fine-tune language models and measure what it costs.
+
+mod bench;
+mod commands;
+mod progress;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ftbench", version, about = "Fine-tune language models with LoRA and measure what it costs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// LoRA (or full) fine-tuning from a TOML config; writes results/<run-id>/
+    Train(run::TrainArgs),
+    /// Held-out loss and GSM8K exact match of a model, with or without an adapter
+    Eval(commands::EvalArgs),
+    /// Per-token log-probabilities of a text
+    Score(commands::ScoreArgs),
+    /// Greedy completion of a prompt
+    Generate(commands::GenerateArgs),
+    /// Write a GGUF model as an HF folder (config.json, model.safetensors, tokenizer.json)
+    Convert(commands::ConvertArgs),
+    /// Merge an adapter into its base model and write an HF folder
+    Export(commands::ExportArgs),
+    /// Benchmarks on random weights
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Cost of each adaptation strategy by daily call volume, optionally calibrated from runs
+    Cost(ftbench_cost::cli::CostArgs),
+    /// Markdown report with SVG charts from run folders
+    Report(ftbench_cost::cli::ReportArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => run::train(&a),
+        Command::Eval(a) => commands::eval(&a),
+        Command::Score(a) => commands::score(&a),
+        Command::Generate(a) => commands::generate(&a),
+        Command::Convert(a) => commands::convert(&a),
+        Command::Export(a) => commands::export(&a),
+        Command::Bench(b) => bench::run(&b),
+        Command::Cost(a) => ftbench_cost::cli::run_cost(&a).map_err(|e| e.to_string()),
+        Command::Report(a) => ftbench_cost::cli::run_report(&a)
+            .map(|p| println!("report: {}", p.display()))
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

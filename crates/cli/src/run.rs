@@ -1,0 +1,286 @@
+//! `ftbench train`: one metered fine-tuning run, written to `results/<run-id>/`.
+//!
+//! The run is staged in `results/.<run-id>.partial/` and renamed into place only when every
+//! file is written; a failed run removes its staging folder, so no half-written results remain.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow_free::Context;
+use candle_core::Device;
+use ftbench_meter::{MetricsLine, MetricsWriter, PhaseMeter, RunKind, RunRecord};
+use ftbench_trainer::data::{self, Batcher};
+use ftbench_trainer::eval::{gsm8k_exact_match, Gsm8kReport};
+use ftbench_trainer::loader::{self, LoadedModel};
+use ftbench_trainer::model::{Decoder, TrainMode};
+use ftbench_trainer::train::{self, Mode, Optim, RunConfig};
+
+use crate::progress::Progress;
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The run configuration (TOML)
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config key, e.g. --set train.steps=20 (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+pub type CliResult<T> = std::result::Result<T, String>;
+
+/// Error helpers: every error becomes one line.
+pub mod anyhow_free {
+    pub trait Context<T> {
+        fn ctx(self) -> super::CliResult<T>;
+    }
+    impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
+        fn ctx(self) -> super::CliResult<T> {
+            self.map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Sets the number of compute threads (0 = all cores); returns the number in use.
+pub fn set_threads(threads: usize) -> usize {
+    let n = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+    // the global pool can be built once per process; later calls keep the first setting
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    rayon::current_num_threads()
+}
+
+/// A run id: UTC date-time and the config's name.
+fn run_id(name: &str) -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    let clean: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{clean}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+pub fn train(args: &TrainArgs) -> CliResult<()> {
+    let cfg = RunConfig::load(&args.config, &args.set).ctx()?;
+    let threads = set_threads(cfg.model.threads);
+    let id = run_id(&cfg.name);
+    std::fs::create_dir_all(&cfg.output.dir).map_err(|e| format!("{}: {e}", cfg.output.dir.display()))?;
+    let staging = cfg.output.dir.join(format!(".{id}.partial"));
+    let final_dir = cfg.output.dir.join(&id);
+    std::fs::create_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+    match train_into(&cfg, &staging, &id, threads) {
+        Ok(()) => {
+            std::fs::rename(&staging, &final_dir).map_err(|e| format!("{}: {e}", final_dir.display()))?;
+            println!("results: {}", final_dir.display());
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
+fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResult<()> {
+    let device = Device::Cpu;
+    let wall = Instant::now();
+    let mut record = RunRecord::new(id, RunKind::Train, &cfg.model.path, "cpu", "f32", threads, cfg.seed);
+
+    // load: model, tokenizer, data
+    let mut phase = PhaseMeter::start("load");
+    let LoadedModel { config, weights, tokenizer, source, .. } = loader::load(&cfg.model.path, &device).ctx()?;
+    let mode = match cfg.train.mode {
+        Mode::Lora => TrainMode::Lora(cfg.lora.clone()),
+        Mode::Full => TrainMode::Full,
+    };
+    let model = Decoder::new(config.clone(), weights, mode, cfg.seed, &device).ctx()?;
+    if cfg.data.max_seq_len > config.max_position_embeddings {
+        return Err(format!(
+            "config key `data.max_seq_len`: {} exceeds the model's context of {} tokens",
+            cfg.data.max_seq_len, config.max_position_embeddings
+        ));
+    }
+    let datasets = data::load_datasets(&cfg.data, &tokenizer).ctx()?;
+    if datasets.eval.is_empty() && cfg.eval.heldout_loss {
+        return Err(format!(
+            "{}: no held-out examples (set data.eval_path or a larger data.heldout_fraction)",
+            cfg.data.train_path.display()
+        ));
+    }
+    let pad = data::default_pad_id(&tokenizer);
+    let eval_batches = data::eval_batches(&datasets.eval, cfg.eval.batch_size, pad);
+    let n_train = datasets.train.len();
+    let mut batcher =
+        Batcher::new(datasets.train, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad, cfg.data.seed)
+            .ctx()?;
+    record.phases.push(phase.finish());
+    eprintln!(
+        "model {source}: {} layers, {:.0}M parameters; {n_train} training and {} held-out examples; {threads} threads",
+        config.num_hidden_layers,
+        config.num_parameters() as f64 / 1e6,
+        datasets.eval.len()
+    );
+
+    // eval before
+    phase = PhaseMeter::start("eval");
+    if cfg.eval.heldout_loss {
+        let l = train::heldout_loss(&model, &eval_batches).ctx()?;
+        eprintln!("held-out loss before: {l:.4}");
+        record.heldout_loss_before = Some(l);
+    }
+    let before = run_gsm8k(cfg, &model, &tokenizer, &mut phase, "before")?;
+    record.gsm8k_exact_match_before = before.as_ref().map(|r| r.exact_match);
+    record.phases.push(phase.finish());
+
+    // train
+    let vars: Vec<_> = model.trainable().into_iter().map(|(_, v)| v).collect();
+    let n_trainable: usize = vars.iter().map(|v| v.as_tensor().elem_count()).sum();
+    let mut optim = Optim::new(vars, &cfg.train).ctx()?;
+    let mut metrics = MetricsWriter::create(&dir.join("metrics.jsonl")).ctx()?;
+    let mut rng = ftbench_trainer::lora::rng(cfg.seed.wrapping_add(1));
+    let mut phase = PhaseMeter::start("train");
+    let progress = Progress::new(cfg.train.steps as u64, "train");
+    let started = Instant::now();
+    let mut total_tokens = 0u64;
+    let mut last_loss = f64::NAN;
+    for step in 1..=cfg.train.steps {
+        let batches: Vec<_> = (0..cfg.train.gradient_accumulation_steps).map(|_| batcher.next_batch()).collect();
+        let stats = train::train_step(&model, &mut optim, &batches, &cfg.train, step, &mut rng).ctx()?;
+        total_tokens += stats.tokens as u64;
+        phase.add_tokens(stats.tokens as u64);
+        if step == 1 {
+            // the first step pays one-off allocation costs; tokens/s excludes it
+            phase.mark_warmup_done();
+        }
+        last_loss = stats.loss;
+        let elapsed = started.elapsed().as_secs_f64();
+        let tps = stats.tokens as f64 / stats.seconds.max(1e-9);
+        metrics
+            .write(&MetricsLine {
+                step: step as u64,
+                loss: stats.loss,
+                lr: stats.lr,
+                tokens: total_tokens,
+                tokens_per_s: tps,
+                elapsed_s: elapsed,
+                grad_norm: Some(stats.grad_norm),
+                extra: Default::default(),
+            })
+            .ctx()?;
+        progress.step(step as u64, &format!("loss {:.4} lr {:.2e} {:.0} tok/s", stats.loss, stats.lr, tps));
+    }
+    progress.finish();
+    let train_phase = phase.finish();
+    let train_tps = train_phase.tokens_per_s;
+    record.phases.push(train_phase);
+
+    // eval after
+    let mut phase = PhaseMeter::start("eval");
+    if cfg.eval.heldout_loss {
+        let l = train::heldout_loss(&model, &eval_batches).ctx()?;
+        eprintln!("held-out loss after: {l:.4}");
+        record.heldout_loss_after = Some(l);
+    }
+    let after = run_gsm8k(cfg, &model, &tokenizer, &mut phase, "after")?;
+    record.gsm8k_exact_match_after = after.as_ref().map(|r| r.exact_match);
+    record.phases.push(phase.finish());
+
+    // write: adapter, resolved config, run record
+    if let TrainMode::Lora(lc) = model.mode() {
+        ftbench_trainer::lora::save_peft(&dir.join("adapter"), lc, &model.adapters(), &source).ctx()?;
+    }
+    ftbench_meter::write_atomic(&dir.join("config.toml"), cfg.to_toml().as_bytes()).ctx()?;
+    let trainable = match cfg.train.mode {
+        Mode::Lora => ftbench_meter::Trainable::Lora(ftbench_meter::LoraShape {
+            rank: cfg.lora.rank,
+            target_modules: lora_targets(&model),
+        }),
+        Mode::Full => ftbench_meter::Trainable::Full,
+    };
+    let mean_len = (total_tokens as f64 / (cfg.train.steps * cfg.train.gradient_accumulation_steps * cfg.train.batch_size) as f64)
+        .round()
+        .max(1.0) as usize;
+    let flops = ftbench_meter::training_flops_per_token(&config.shape(), mean_len, &trainable);
+    record.steps = cfg.train.steps as u64;
+    record.total_tokens = total_tokens;
+    record.wall_s = wall.elapsed().as_secs_f64();
+    record.tokens_per_s = train_tps;
+    record.peak_rss_bytes = ftbench_meter::peak_rss_bytes();
+    record.achieved_flops_per_s = Some(flops.total * train_tps);
+    record.mfu = ftbench_meter::mfu(flops.total * train_tps, &record.fingerprint.cpu_model, "f32", None);
+    record.flops_per_token = Some(flops);
+    record.extra.insert("mode".into(), serde_json::json!(cfg.train.mode));
+    record.extra.insert("trainable_parameters".into(), serde_json::json!(n_trainable));
+    record.extra.insert("batch_size".into(), serde_json::json!(cfg.train.batch_size));
+    record.extra.insert("gradient_accumulation_steps".into(), serde_json::json!(cfg.train.gradient_accumulation_steps));
+    record.extra.insert("max_seq_len".into(), serde_json::json!(cfg.data.max_seq_len));
+    record.extra.insert("final_train_loss".into(), serde_json::json!(last_loss));
+    record.extra.insert("dataset".into(), serde_json::json!(cfg.data.train_path));
+    if let Some(TrainModeLora { rank, alpha }) = lora_summary(cfg) {
+        record.extra.insert("lora".into(), serde_json::json!({"rank": rank, "alpha": alpha, "scaling": cfg.lora.scaling()}));
+    }
+    record.write_atomic(&dir.join("run.json")).ctx()?;
+    if let (Some(b), Some(a)) = (record.heldout_loss_before, record.heldout_loss_after) {
+        eprintln!("held-out loss {b:.4} -> {a:.4}; {train_tps:.0} tokens/s training");
+    }
+    Ok(())
+}
+
+struct TrainModeLora {
+    rank: usize,
+    alpha: f64,
+}
+
+fn lora_summary(cfg: &RunConfig) -> Option<TrainModeLora> {
+    (cfg.train.mode == Mode::Lora).then(|| TrainModeLora { rank: cfg.lora.rank, alpha: cfg.lora.alpha })
+}
+
+/// Canonical projection names that carry adapters (q_proj, ..., down_proj).
+fn lora_targets(model: &Decoder) -> Vec<String> {
+    let mut names: Vec<String> = model
+        .adapters()
+        .iter()
+        .map(|(n, _)| n.rsplit('.').next().unwrap_or(n).to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn run_gsm8k(
+    cfg: &RunConfig,
+    model: &Decoder,
+    tok: &ftbench_trainer::tokenizer::Tokenizer,
+    phase: &mut PhaseMeter,
+    label: &str,
+) -> CliResult<Option<Gsm8kReport>> {
+    if cfg.eval.gsm8k_examples == 0 {
+        return Ok(None);
+    }
+    let items = data::load_gsm8k(&cfg.eval.gsm8k_path, Some(cfg.eval.gsm8k_examples)).ctx()?;
+    let progress = Progress::new(items.len() as u64, &format!("gsm8k {label}"));
+    let report = gsm8k_exact_match(model, tok, &cfg.data, &items, cfg.eval.max_new_tokens, |i, correct| {
+        progress.step(i as u64, &format!("{correct} correct"));
+    })
+    .ctx()?;
+    progress.finish();
+    phase.add_tokens(report.generated_tokens as u64);
+    eprintln!(
+        "gsm8k exact match {label}: {}/{} = {:.1}%",
+        report.correct,
+        report.total,
+        100.0 * report.exact_match
+    );
+    Ok(Some(report))
+}
