@@ -6,7 +6,10 @@ Produce the folder with the Rust test (it keeps the files when FTBENCH_TOKENIZER
 
     FTBENCH_TOKENIZER_OUT=/tmp/gemma3-hf FTBENCH_GEMMA3_GGUF=models/gemma-3-270m-q4_k_m.gguf \
         cargo test -p ftbench-trainer --test tokenizer gemma3_saved
-    python scripts/reference/hf_check.py /tmp/gemma3-hf
+    python scripts/reference/hf_check.py /tmp/gemma3-hf [GOLDEN_JSON]
+
+GOLDEN_JSON defaults to the committed fixture; a larger one comes from
+`spm_golden.py --corpus/--random`.
 
 Needs the package `tokenizers`; `transformers` is used too when it is installed. Exits
 non-zero on the first disagreement.
@@ -24,10 +27,11 @@ GOLDEN = REPO / "crates" / "trainer" / "tests" / "data" / "gemma3_spm_golden.jso
 
 
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
     folder = Path(sys.argv[1])
-    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    golden_path = Path(sys.argv[2]) if len(sys.argv) == 3 else GOLDEN
+    golden = json.loads(golden_path.read_text(encoding="utf-8"))
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     bos = tok.token_to_id(config["bos_token"]) if config.get("bos_token") else None

@@ -20,12 +20,19 @@ Three documented adjustments turn the GGUF vocabulary into the model SentencePie
 Usage (needs the packages `gguf`, `sentencepiece` and `protobuf`):
 
     python scripts/reference/spm_golden.py [--gguf PATH] [--out JSON] [--save-model PATH]
+
+For a wider check than the committed fixture, `--corpus FILE...` encodes the paragraphs
+of text files (a .jsonl file contributes the string values of each row) and `--random N`
+adds N seeded random strings (vocabulary pieces glued together, runs of spaces and
+newlines, characters outside the vocabulary) instead of the fixed list; write those to
+another file and point the Rust test at it with FTBENCH_SPM_GOLDEN_EXTRA.
 """
 
 import argparse
 import hashlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -173,6 +180,44 @@ def build_model(gguf_path):
     return m, len(tokens), vocab_sha
 
 
+def corpus_strings(paths):
+    """Paragraphs of text files; the string values of each row of a .jsonl file."""
+    out = []
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        if path.endswith(".jsonl"):
+            for line in text.splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    out.extend(v for v in row.values() if isinstance(v, str))
+        else:
+            out.extend(p for p in text.split("\n\n") if p)
+    return out
+
+
+def random_strings(n, seed, pieces):
+    """Seeded strings made to reach corners of the algorithm: vocabulary pieces glued
+    together (so merges compete across piece boundaries), whitespace runs, special
+    tokens, and characters the vocabulary lacks."""
+    rng = random.Random(seed)
+    fillers = [" ", "  ", "   ", "\n", "\n\n", "\t", "", "", "", "<start_of_turn>", "<b>"]
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            r = rng.random()
+            if r < 0.6:
+                parts.append(rng.choice(pieces).replace("\u2581", " "))
+            elif r < 0.85:
+                parts.append(rng.choice(fillers))
+            else:
+                parts.append(chr(rng.choice([rng.randint(0x20, 0x2FF), rng.randint(0x3000, 0x9FFF),
+                                             rng.randint(0x1F300, 0x1FAFF), rng.randint(0xE000, 0xF8FF),
+                                             rng.randint(0x20000, 0x2A6DF)])))
+        out.append("".join(parts))
+    return out
+
+
 def dump(out):
     """JSON with one line per case, so that diffs of the fixture stay readable."""
     head = {k: v for k, v in out.items() if k != "cases"}
@@ -193,6 +238,9 @@ def main():
     ap.add_argument("--gguf", default=default_gguf)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--save-model", help="also write the SentencePiece .model file here")
+    ap.add_argument("--corpus", nargs="+", help="encode the paragraphs of these files instead")
+    ap.add_argument("--random", type=int, default=0, help="encode this many random strings instead")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     proto, vocab_size, vocab_sha = build_model(args.gguf)
@@ -201,8 +249,17 @@ def main():
         Path(args.save_model).write_bytes(data)
     sp = spm.SentencePieceProcessor(model_proto=data)
 
+    strings = STRINGS
+    if args.corpus or args.random:
+        strings = corpus_strings(args.corpus or [])
+        normal = [p.piece for p in proto.pieces if p.type == NORMAL]
+        strings += random_strings(args.random, args.seed, normal)
+        # ftbench matches the unknown token written in the text (as HF tokenizers does);
+        # SentencePiece cannot be told to, so such strings are left out here.
+        unk = proto.pieces[proto.trainer_spec.unk_id].piece
+        strings = [s for s in strings if unk not in s]
     cases = []
-    for s in STRINGS:
+    for s in strings:
         ids = sp.encode(s, out_type=int)
         cases.append({"text": s, "ids": ids})
     out = {

@@ -97,7 +97,10 @@ impl Tokenizer {
                         Some(id) => Ok(Some(id)),
                         None => Err(Error::model(
                             dir.join(file),
-                            format!("{key} `{name}` is not in the vocabulary of {}", path.display()),
+                            format!(
+                                "{key} `{name}` is not in the vocabulary of {}",
+                                path.display()
+                            ),
                         )),
                     };
                 }
@@ -120,7 +123,13 @@ impl Tokenizer {
             }
             None => bos.is_some() && template.first() == bos.as_ref(),
         };
-        Ok(Self { engine: Engine::Hf(Box::new(hf)), bos, eos, pad, add_bos })
+        Ok(Self {
+            engine: Engine::Hf(Box::new(hf)),
+            bos,
+            eos,
+            pad,
+            add_bos,
+        })
     }
 
     /// Builds the tokenizer from the vocabulary embedded in a GGUF file: `"llama"`
@@ -128,9 +137,9 @@ impl Tokenizer {
     /// `tokenizer.ggml.merges`). `path` is only used in error messages.
     pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
         let meta = Meta { content, path };
-        let model = meta
-            .string("tokenizer.ggml.model")?
-            .ok_or_else(|| meta.err("missing key tokenizer.ggml.model (expected \"llama\" or \"gpt2\")"))?;
+        let model = meta.string("tokenizer.ggml.model")?.ok_or_else(|| {
+            meta.err("missing key tokenizer.ggml.model (expected \"llama\" or \"gpt2\")")
+        })?;
         let tokens = meta
             .strings("tokenizer.ggml.tokens")?
             .ok_or_else(|| meta.err("missing key tokenizer.ggml.tokens"))?;
@@ -200,7 +209,9 @@ impl Tokenizer {
                 if let Some(u) = unk {
                     kinds[u as usize] = Kind::Unknown;
                 }
-                let add_space_prefix = meta.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+                let add_space_prefix = meta
+                    .bool("tokenizer.ggml.add_space_prefix")?
+                    .unwrap_or(true);
                 Engine::Spm(Box::new(Spm::new(tokens, scores, kinds, add_space_prefix)))
             }
             "gpt2" => {
@@ -208,7 +219,9 @@ impl Tokenizer {
                     meta.err("missing key tokenizer.ggml.merges (a \"gpt2\" vocabulary needs its BPE merges)")
                 })?;
                 let pre = meta.string("tokenizer.ggml.pre")?;
-                Engine::Hf(Box::new(byte_level_bpe(&meta, tokens, &kinds, merges, pre)?))
+                Engine::Hf(Box::new(byte_level_bpe(
+                    &meta, tokens, &kinds, merges, pre,
+                )?))
             }
             other => {
                 return Err(meta.err(format!(
@@ -216,8 +229,16 @@ impl Tokenizer {
                 )))
             }
         };
-        let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(bos.is_some() && model == "llama");
-        Ok(Self { engine, bos, eos, pad, add_bos })
+        let add_bos = meta
+            .bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(bos.is_some() && model == "llama");
+        Ok(Self {
+            engine,
+            bos,
+            eos,
+            pad,
+            add_bos,
+        })
     }
 
     /// Token ids of `text`, with the bos token in front when `add_bos` is true. Special
@@ -227,7 +248,11 @@ impl Tokenizer {
         if add_bos {
             match self.bos {
                 Some(b) => ids.push(b),
-                None => return Err(Error::Tokenizer("bos requested but the vocabulary has no bos token".into())),
+                None => {
+                    return Err(Error::Tokenizer(
+                        "bos requested but the vocabulary has no bos token".into(),
+                    ))
+                }
             }
         }
         match &self.engine {
@@ -327,11 +352,13 @@ impl Tokenizer {
         match &self.engine {
             Engine::Spm(spm) => {
                 unk = spm.unk.map(|u| spm.pieces[u as usize].clone());
-                let file = std::fs::File::create(&tokenizer_path).map_err(|e| Error::io(&tokenizer_path, e))?;
+                let file = std::fs::File::create(&tokenizer_path)
+                    .map_err(|e| Error::io(&tokenizer_path, e))?;
                 let mut w = std::io::BufWriter::new(file);
                 let bos = if self.add_bos { self.bos } else { None };
-                spm.write_hf_json(&mut w, bos)
-                    .map_err(|e| Error::model(&tokenizer_path, format!("cannot write tokenizer.json: {e}")))?;
+                spm.write_hf_json(&mut w, bos).map_err(|e| {
+                    Error::model(&tokenizer_path, format!("cannot write tokenizer.json: {e}"))
+                })?;
                 std::io::Write::flush(&mut w).map_err(|e| Error::io(&tokenizer_path, e))?;
             }
             Engine::Hf(hf) => {
@@ -343,8 +370,9 @@ impl Tokenizer {
                         hf.with_post_processor(Some(bos_template(&name, bos)?));
                     }
                 }
-                hf.save(&tokenizer_path, false)
-                    .map_err(|e| Error::model(&tokenizer_path, format!("cannot write tokenizer.json: {e}")))?;
+                hf.save(&tokenizer_path, false).map_err(|e| {
+                    Error::model(&tokenizer_path, format!("cannot write tokenizer.json: {e}"))
+                })?;
             }
         }
         let name = |id: Option<u32>| id.and_then(|i| self.piece(i));
@@ -366,13 +394,22 @@ impl Tokenizer {
 }
 
 /// A post-processor that puts `name` (id `bos`) in front of every sequence.
-fn bos_template(name: &str, bos: u32) -> Result<tokenizers::processors::template::TemplateProcessing> {
+fn bos_template(
+    name: &str,
+    bos: u32,
+) -> Result<tokenizers::processors::template::TemplateProcessing> {
     use tokenizers::processors::template::TemplateProcessing;
-    let err = |e: String| Error::Tokenizer(format!("cannot build the bos template for `{name}`: {e}"));
+    let err =
+        |e: String| Error::Tokenizer(format!("cannot build the bos template for `{name}`: {e}"));
     TemplateProcessing::builder()
         .try_single(vec![name.to_string(), "$A".to_string()])
         .map_err(|e| err(e.to_string()))?
-        .try_pair(vec![name.to_string(), "$A".to_string(), name.to_string(), "$B".to_string()])
+        .try_pair(vec![
+            name.to_string(),
+            "$A".to_string(),
+            name.to_string(),
+            "$B".to_string(),
+        ])
         .map_err(|e| err(e.to_string()))?
         .special_tokens(vec![(name.to_string(), bos)])
         .build()
@@ -425,7 +462,10 @@ impl Meta<'_> {
     }
 
     fn wrong_type(&self, key: &str, expected: &str, found: &Value) -> Error {
-        self.err(format!("{key}: expected {expected}, found a value of type {:?}", found.value_type()))
+        self.err(format!(
+            "{key}: expected {expected}, found a value of type {:?}",
+            found.value_type()
+        ))
     }
 
     fn string(&self, key: &str) -> Result<Option<&str>> {
@@ -463,7 +503,9 @@ impl Meta<'_> {
     }
 
     fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
-        let Some(a) = self.array(key)? else { return Ok(None) };
+        let Some(a) = self.array(key)? else {
+            return Ok(None);
+        };
         a.iter()
             .enumerate()
             .map(|(i, v)| match v {
@@ -475,7 +517,9 @@ impl Meta<'_> {
     }
 
     fn floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
-        let Some(a) = self.array(key)? else { return Ok(None) };
+        let Some(a) = self.array(key)? else {
+            return Ok(None);
+        };
         a.iter()
             .enumerate()
             .map(|(i, v)| match v {
@@ -488,10 +532,14 @@ impl Meta<'_> {
     }
 
     fn ints(&self, key: &str) -> Result<Option<Vec<i64>>> {
-        let Some(a) = self.array(key)? else { return Ok(None) };
+        let Some(a) = self.array(key)? else {
+            return Ok(None);
+        };
         a.iter()
             .enumerate()
-            .map(|(i, v)| int_value(v).ok_or_else(|| self.wrong_type(&format!("{key}[{i}]"), "an integer", v)))
+            .map(|(i, v)| {
+                int_value(v).ok_or_else(|| self.wrong_type(&format!("{key}[{i}]"), "an integer", v))
+            })
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
@@ -540,21 +588,54 @@ fn byte_level_bpe(
 
     let pre_name = pre.unwrap_or("gpt2");
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
-        let s = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| meta.err(format!("tokenizer.ggml.pre `{pre_name}`: bad split regex: {e}")))?;
+        let s = Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| {
+            meta.err(format!(
+                "tokenizer.ggml.pre `{pre_name}`: bad split regex: {e}"
+            ))
+        })?;
         Ok(s.into())
     };
-    let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = if PRE_GPT2.contains(&pre_name) {
+    let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = if PRE_GPT2
+        .contains(&pre_name)
+    {
         (ByteLevel::new(false, true, true).into(), false)
     } else if PRE_LLAMA3.contains(&pre_name) {
-        (Sequence::new(vec![split(LLAMA3_SPLIT)?, ByteLevel::new(false, true, false).into()]).into(), true)
+        (
+            Sequence::new(vec![
+                split(LLAMA3_SPLIT)?,
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into(),
+            true,
+        )
     } else if PRE_QWEN2.contains(&pre_name) {
-        (Sequence::new(vec![split(QWEN2_SPLIT)?, ByteLevel::new(false, true, false).into()]).into(), false)
+        (
+            Sequence::new(vec![
+                split(QWEN2_SPLIT)?,
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into(),
+            false,
+        )
     } else if PRE_DIGITS_THEN_GPT2.contains(&pre_name) {
-        (Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(), false)
+        (
+            Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
+            false,
+        )
     } else {
-        let known: Vec<&str> =
-            [PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_DIGITS_THEN_GPT2].iter().flat_map(|l| l.iter().copied()).collect();
+        let known: Vec<&str> = [PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_DIGITS_THEN_GPT2]
+            .iter()
+            .flat_map(|l| l.iter().copied())
+            .collect();
         return Err(meta.err(format!(
             "unsupported tokenizer.ggml.pre `{pre_name}` for a \"gpt2\" vocabulary, expected one of: {}",
             known.join(", ")
@@ -564,18 +645,22 @@ fn byte_level_bpe(
     let mut pairs = Vec::with_capacity(merges.len());
     for (i, m) in merges.into_iter().enumerate() {
         match m.split_once(' ') {
-            Some((l, r)) if !l.is_empty() && !r.is_empty() && !r.contains(' ') => pairs.push((l.to_string(), r.to_string())),
+            Some((l, r)) if !l.is_empty() && !r.is_empty() && !r.contains(' ') => {
+                pairs.push((l.to_string(), r.to_string()))
+            }
             _ => {
                 return Err(meta.err(format!(
-                    "tokenizer.ggml.merges[{i}] is {m:?}, expected two tokens separated by one space"
-                )))
+                "tokenizer.ggml.merges[{i}] is {m:?}, expected two tokens separated by one space"
+            )))
             }
         }
     }
     let mut vocab = tokenizers::models::bpe::Vocab::default();
     for (i, t) in tokens.iter().enumerate() {
         if vocab.insert(t.clone(), i as u32).is_some() {
-            return Err(meta.err(format!("tokenizer.ggml.tokens[{i}] {t:?} appears twice, expected unique tokens")));
+            return Err(meta.err(format!(
+                "tokenizer.ggml.tokens[{i}] {t:?} appears twice, expected unique tokens"
+            )));
         }
     }
     let bpe = BPE::builder()
@@ -639,7 +724,12 @@ struct Spm {
 }
 
 impl Spm {
-    fn new(pieces: Vec<String>, scores: Vec<f32>, kinds: Vec<Kind>, add_space_prefix: bool) -> Self {
+    fn new(
+        pieces: Vec<String>,
+        scores: Vec<f32>,
+        kinds: Vec<Kind>,
+        add_space_prefix: bool,
+    ) -> Self {
         let mut ids = HashMap::with_capacity(pieces.len());
         let mut bytes = [u32::MAX; 256];
         let mut unk = None;
@@ -659,9 +749,22 @@ impl Spm {
             }
         }
         specials.finish();
-        let byte_ids = bytes.iter().all(|&b| b != u32::MAX).then(|| Box::new(bytes));
+        let byte_ids = bytes
+            .iter()
+            .all(|&b| b != u32::MAX)
+            .then(|| Box::new(bytes));
         let has_unused = kinds.contains(&Kind::Unused);
-        Self { pieces, scores, kinds, ids, byte_ids, unk, add_space_prefix, has_unused, specials }
+        Self {
+            pieces,
+            scores,
+            kinds,
+            ids,
+            byte_ids,
+            unk,
+            add_space_prefix,
+            has_unused,
+            specials,
+        }
     }
 
     fn encode(&self, text: &str, out: &mut Vec<u32>) {
@@ -692,7 +795,10 @@ impl Spm {
 
     /// The id of a piece that a merge may produce.
     fn mergeable_id(&self, piece: &str) -> Option<u32> {
-        self.ids.get(piece).copied().filter(|&id| self.kinds[id as usize].mergeable())
+        self.ids
+            .get(piece)
+            .copied()
+            .filter(|&id| self.kinds[id as usize].mergeable())
     }
 
     /// SentencePiece's BPE on one normalized segment free of special tokens.
@@ -703,26 +809,44 @@ impl Spm {
         let mut syms: Vec<Symbol> = Vec::with_capacity(s.len());
         for (start, c) in s.char_indices() {
             let n = syms.len();
-            syms.push(Symbol { start, len: c.len_utf8(), prev: n.checked_sub(1), next: None });
+            syms.push(Symbol {
+                start,
+                len: c.len_utf8(),
+                prev: n.checked_sub(1),
+                next: None,
+            });
             if n > 0 {
                 syms[n - 1].next = Some(n);
             }
         }
         let mut heap = BinaryHeap::with_capacity(syms.len());
-        // How an unused piece was formed, to split it back (last candidate wins, as in SentencePiece).
+        // How an unused piece was formed, to split it back; the last candidate wins, as in
+        // SentencePiece.
         let mut rev_merge: HashMap<&'s str, (&'s str, &'s str)> = HashMap::new();
         let push_pair = |syms: &[Symbol],
                          heap: &mut BinaryHeap<Candidate>,
                          rev: &mut HashMap<&'s str, (&'s str, &'s str)>,
                          left: Option<usize>,
                          right: Option<usize>| {
-            let (Some(l), Some(r)) = (left, right) else { return };
+            let (Some(l), Some(r)) = (left, right) else {
+                return;
+            };
             let (a, b) = (&syms[l], &syms[r]);
             let piece = &s[a.start..b.start + b.len];
-            let Some(id) = self.mergeable_id(piece) else { return };
-            heap.push(Candidate { score: self.scores[id as usize], left: l, right: r, len: piece.len() });
+            let Some(id) = self.mergeable_id(piece) else {
+                return;
+            };
+            heap.push(Candidate {
+                score: self.scores[id as usize],
+                left: l,
+                right: r,
+                len: piece.len(),
+            });
             if self.has_unused && self.kinds[id as usize] == Kind::Unused {
-                rev.insert(piece, (&s[a.start..a.start + a.len], &s[b.start..b.start + b.len]));
+                rev.insert(
+                    piece,
+                    (&s[a.start..a.start + a.len], &s[b.start..b.start + b.len]),
+                );
             }
         };
         for i in 1..syms.len() {
@@ -748,16 +872,29 @@ impl Spm {
         let mut cur = Some(0);
         while let Some(i) = cur {
             let sym = &syms[i];
-            self.emit(&s[sym.start..sym.start + sym.len], &rev_merge, out, &mut prev_unk);
+            self.emit(
+                &s[sym.start..sym.start + sym.len],
+                &rev_merge,
+                out,
+                &mut prev_unk,
+            );
             cur = sym.next;
         }
     }
 
     /// Appends the ids of one final symbol: its id, the pieces an unused piece was merged
     /// from, or its bytes when it is not in the vocabulary.
-    fn emit(&self, piece: &str, rev_merge: &HashMap<&str, (&str, &str)>, out: &mut Vec<u32>, prev_unk: &mut bool) {
+    fn emit(
+        &self,
+        piece: &str,
+        rev_merge: &HashMap<&str, (&str, &str)>,
+        out: &mut Vec<u32>,
+        prev_unk: &mut bool,
+    ) {
         match self.ids.get(piece) {
-            Some(&id) if self.kinds[id as usize] == Kind::Unused && rev_merge.contains_key(piece) => {
+            Some(&id)
+                if self.kinds[id as usize] == Kind::Unused && rev_merge.contains_key(piece) =>
+            {
                 let (a, b) = rev_merge[piece];
                 self.emit(a, rev_merge, out, prev_unk);
                 self.emit(b, rev_merge, out, prev_unk);
@@ -796,7 +933,13 @@ impl Spm {
             if skip_special && matches!(kind, Kind::Control | Kind::Unknown) {
                 continue;
             }
-            text.extend(self.pieces[id as usize].chars().map(|c| if c == SPACE_SYMBOL { ' ' } else { c }));
+            text.extend(self.pieces[id as usize].chars().map(|c| {
+                if c == SPACE_SYMBOL {
+                    ' '
+                } else {
+                    c
+                }
+            }));
         }
         flush_bytes(&mut bytes, &mut text);
         if self.add_space_prefix && text.starts_with(' ') {
@@ -817,7 +960,8 @@ impl Spm {
         };
         let mut merges: Vec<(f32, u32, usize)> = Vec::new();
         for (id, piece) in self.pieces.iter().enumerate() {
-            if self.kinds[id] != Kind::Normal || self.ids.get(piece.as_str()) != Some(&(id as u32)) {
+            if self.kinds[id] != Kind::Normal || self.ids.get(piece.as_str()) != Some(&(id as u32))
+            {
                 continue;
             }
             for (k, _) in piece.char_indices().skip(1) {
@@ -848,7 +992,12 @@ impl Spm {
             }
         };
         let added: Vec<serde_json::Value> = (0..self.pieces.len())
-            .filter(|&i| matches!(self.kinds[i], Kind::Control | Kind::Unknown | Kind::UserDefined))
+            .filter(|&i| {
+                matches!(
+                    self.kinds[i],
+                    Kind::Control | Kind::Unknown | Kind::UserDefined
+                )
+            })
             .map(|i| {
                 let special = self.kinds[i] != Kind::UserDefined;
                 json!({
@@ -857,9 +1006,11 @@ impl Spm {
                 })
             })
             .collect();
-        let replace_space = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        let replace_space =
+            json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
         let normalizer = if self.add_space_prefix {
-            json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace_space]})
+            let prepend = json!({"type": "Prepend", "prepend": "\u{2581}"});
+            json!({"type": "Sequence", "normalizers": [prepend, replace_space]})
         } else {
             replace_space
         };
@@ -882,7 +1033,9 @@ impl Spm {
                 "special_tokens": {name.as_str(): {"id": name, "ids": [b], "tokens": [name]}},
             })
         });
-        let vocab: Vec<(String, u32)> = (0..self.pieces.len()).map(|i| (content(i), i as u32)).collect();
+        let vocab: Vec<(String, u32)> = (0..self.pieces.len())
+            .map(|i| (content(i), i as u32))
+            .collect();
         let merges = self.derived_merges();
         let file = HfFile {
             version: "1.0",
@@ -1007,7 +1160,9 @@ impl PartialOrd for Candidate {
 }
 impl Ord for Candidate {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
     }
 }
 
@@ -1038,7 +1193,12 @@ impl SpecialMatcher {
     }
 
     fn longest_at(&self, text: &[u8], i: usize) -> Option<(usize, u32)> {
-        if !self.first_byte.get(text[i] as usize).copied().unwrap_or(false) {
+        if !self
+            .first_byte
+            .get(text[i] as usize)
+            .copied()
+            .unwrap_or(false)
+        {
             return None;
         }
         let rest = &text[i..];
@@ -1059,7 +1219,13 @@ mod tests {
         let scores = entries.iter().map(|e| e.1).collect();
         let kinds = entries.iter().map(|e| e.2).collect();
         let spm = Spm::new(pieces, scores, kinds, add_space_prefix);
-        Tokenizer { engine: Engine::Spm(Box::new(spm)), bos: Some(1), eos: Some(2), pad: None, add_bos: true }
+        Tokenizer {
+            engine: Engine::Spm(Box::new(spm)),
+            bos: Some(1),
+            eos: Some(2),
+            pad: None,
+            add_bos: true,
+        }
     }
 
     fn base() -> Vec<(&'static str, f32, Kind)> {
@@ -1082,7 +1248,8 @@ mod tests {
     }
 
     fn with_bytes(mut v: Vec<(&'static str, f32, Kind)>) -> Vec<(String, f32, Kind)> {
-        let mut out: Vec<(String, f32, Kind)> = v.drain(..).map(|(p, s, k)| (p.to_string(), s, k)).collect();
+        let mut out: Vec<(String, f32, Kind)> =
+            v.drain(..).map(|(p, s, k)| (p.to_string(), s, k)).collect();
         for b in 0..=255u8 {
             out.push((format!("<0x{b:02X}>"), 0.0, Kind::Byte(b)));
         }
@@ -1090,7 +1257,10 @@ mod tests {
     }
 
     fn spm_owned(entries: &[(String, f32, Kind)], prefix: bool) -> Tokenizer {
-        let e: Vec<(&str, f32, Kind)> = entries.iter().map(|(p, s, k)| (p.as_str(), *s, *k)).collect();
+        let e: Vec<(&str, f32, Kind)> = entries
+            .iter()
+            .map(|(p, s, k)| (p.as_str(), *s, *k))
+            .collect();
         spm(&e, prefix)
     }
 
@@ -1110,7 +1280,14 @@ mod tests {
     fn equal_scores_merge_leftmost_first() {
         use Kind::*;
         // "aaa" with "aa" in the vocabulary: the left pair merges first.
-        let t = spm(&[("<unk>", 0.0, Unknown), ("a", -1.0, Normal), ("aa", -2.0, Normal)], false);
+        let t = spm(
+            &[
+                ("<unk>", 0.0, Unknown),
+                ("a", -1.0, Normal),
+                ("aa", -2.0, Normal),
+            ],
+            false,
+        );
         assert_eq!(t.encode("aaa", false).unwrap(), vec![2, 1]);
     }
 
@@ -1124,7 +1301,10 @@ mod tests {
         assert_eq!(t.encode("b   a", false).unwrap(), vec![6, 4, 12]);
         assert_eq!(t.decode(&[6, 4, 12], false).unwrap(), "b   a");
         assert_eq!(t.decode(&[1, 5, 3, 6, 2], true).unwrap(), "ab");
-        assert_eq!(t.decode(&[1, 5, 3, 6, 2], false).unwrap(), "<s>a<turn>b</s>");
+        assert_eq!(
+            t.decode(&[1, 5, 3, 6, 2], false).unwrap(),
+            "<s>a<turn>b</s>"
+        );
     }
 
     #[test]
@@ -1146,7 +1326,13 @@ mod tests {
         use Kind::*;
         // "ab" is unused: it is merged (so a and b cannot merge elsewhere) and then split back.
         let t = spm(
-            &[("<unk>", 0.0, Unknown), ("a", -1.0, Normal), ("b", -2.0, Normal), ("ab", -3.0, Unused), ("bb", -4.0, Normal)],
+            &[
+                ("<unk>", 0.0, Unknown),
+                ("a", -1.0, Normal),
+                ("b", -2.0, Normal),
+                ("ab", -3.0, Unused),
+                ("bb", -4.0, Normal),
+            ],
             false,
         );
         assert_eq!(t.encode("abb", false).unwrap(), vec![1, 2, 2]);
@@ -1163,9 +1349,26 @@ mod tests {
     #[test]
     fn derived_merges_rank_by_score() {
         let t = spm(&base(), false);
-        let Engine::Spm(s) = &t.engine else { unreachable!() };
+        let Engine::Spm(s) = &t.engine else {
+            unreachable!()
+        };
         let merges = s.derived_merges();
-        assert_eq!(merges, vec![("a", "b"), ("b", "c"), ("a", "bc"), ("ab", "c"), ("\u{2581}", "a")]);
+        assert_eq!(
+            merges,
+            vec![
+                ("a", "b"),
+                ("b", "c"),
+                ("a", "bc"),
+                ("ab", "c"),
+                ("\u{2581}", "a")
+            ]
+        );
+    }
+
+    #[test]
+    fn tokenizer_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tokenizer>();
     }
 
     #[test]

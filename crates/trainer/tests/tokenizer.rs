@@ -19,7 +19,11 @@ struct Case {
 }
 
 fn golden_cases() -> (usize, Vec<Case>) {
-    let v: serde_json::Value = serde_json::from_str(GOLDEN).expect("golden fixture is valid json");
+    parse_cases(GOLDEN)
+}
+
+fn parse_cases(json: &str) -> (usize, Vec<Case>) {
+    let v: serde_json::Value = serde_json::from_str(json).expect("golden fixture is valid json");
     let vocab_size = v["vocab_size"].as_u64().expect("vocab_size") as usize;
     let cases = v["cases"]
         .as_array()
@@ -27,7 +31,12 @@ fn golden_cases() -> (usize, Vec<Case>) {
         .iter()
         .map(|c| Case {
             text: c["text"].as_str().expect("text").to_string(),
-            ids: c["ids"].as_array().expect("ids").iter().map(|i| i.as_u64().expect("id") as u32).collect(),
+            ids: c["ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|i| i.as_u64().expect("id") as u32)
+                .collect(),
         })
         .collect();
     (vocab_size, cases)
@@ -62,7 +71,11 @@ fn gemma() -> Option<&'static Loaded> {
         let t1 = Instant::now();
         let tokenizer = Tokenizer::from_gguf(&content, &path).expect("tokenizer from gguf");
         let build = t1.elapsed();
-        Some(Loaded { tokenizer, read_gguf, build })
+        Some(Loaded {
+            tokenizer,
+            read_gguf,
+            build,
+        })
     });
     if loaded.is_none() {
         eprintln!(
@@ -85,10 +98,19 @@ fn check_ids(what: &str, cases: &[Case], encode: impl Fn(&str) -> Vec<u32>) {
     for c in cases {
         let got = encode(&c.text);
         if got != c.ids {
-            bad.push(format!("{:?}\n  expected {:?}\n  found    {:?}", c.text, c.ids, got));
+            bad.push(format!(
+                "{:?}\n  expected {:?}\n  found    {:?}",
+                c.text, c.ids, got
+            ));
         }
     }
-    assert!(bad.is_empty(), "{what}: {} of {} cases differ:\n{}", bad.len(), cases.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} cases differ:\n{}",
+        bad.len(),
+        cases.len(),
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -103,7 +125,32 @@ fn gemma3_ids_match_sentencepiece() {
         g.build.as_secs_f64()
     );
     assert_eq!(t.vocab_size(), vocab_size, "vocabulary size of the fixture");
-    check_ids("sentencepiece golden ids", &cases, |s| t.encode(s, false).unwrap());
+    check_ids("sentencepiece golden ids", &cases, |s| {
+        t.encode(s, false).unwrap()
+    });
+
+    if let Some((extra, cases)) = extra_cases() {
+        let bytes: usize = cases.iter().map(|c| c.text.len()).sum();
+        let t0 = Instant::now();
+        check_ids("extra sentencepiece golden ids", &cases, |s| {
+            t.encode(s, false).unwrap()
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "{}: {} cases, {bytes} bytes encoded in {secs:.2} s ({:.1} MB/s)",
+            extra.display(),
+            cases.len(),
+            bytes as f64 / secs / 1e6
+        );
+    }
+}
+
+/// A larger fixture written by `spm_golden.py --corpus/--random`, when
+/// FTBENCH_SPM_GOLDEN_EXTRA names one.
+fn extra_cases() -> Option<(PathBuf, Vec<Case>)> {
+    let path = PathBuf::from(std::env::var_os("FTBENCH_SPM_GOLDEN_EXTRA")?);
+    let json = std::fs::read_to_string(&path).expect("read FTBENCH_SPM_GOLDEN_EXTRA");
+    Some((path, parse_cases(&json).1))
 }
 
 /// What decoding gives back: the text itself, except that a literal U+2581 comes back as a
@@ -118,7 +165,11 @@ fn gemma3_decode_inverts_encode() {
     let (_, cases) = golden_cases();
     for c in &cases {
         let ids = g.tokenizer.encode(&c.text, false).unwrap();
-        assert_eq!(g.tokenizer.decode(&ids, false).unwrap(), decoded(&c.text), "ids {ids:?}");
+        assert_eq!(
+            g.tokenizer.decode(&ids, false).unwrap(),
+            decoded(&c.text),
+            "ids {ids:?}"
+        );
     }
 }
 
@@ -126,18 +177,26 @@ fn gemma3_decode_inverts_encode() {
 fn gemma3_special_tokens() {
     let Some(g) = gemma() else { return };
     let t = &g.tokenizer;
-    assert_eq!((t.bos_id(), t.eos_id(), t.pad_id()), (Some(2), Some(1), Some(0)));
+    assert_eq!(
+        (t.bos_id(), t.eos_id(), t.pad_id()),
+        (Some(2), Some(1), Some(0))
+    );
     assert!(t.add_bos_default());
     assert_eq!(t.stop_ids(), vec![1, 106]);
     assert_eq!(t.piece(248).as_deref(), Some("<0x0A>"));
     assert_eq!(t.piece(106).as_deref(), Some("<end_of_turn>"));
     assert_eq!(t.token_id("\u{2581}the"), Some(506));
     assert_eq!(t.piece(t.vocab_size() as u32), None);
-    let ids = t.encode("<start_of_turn>user\nHi<end_of_turn>", true).unwrap();
+    let ids = t
+        .encode("<start_of_turn>user\nHi<end_of_turn>", true)
+        .unwrap();
     assert_eq!(&ids[..2], &[2, 105]);
     assert_eq!(ids.last(), Some(&106));
     assert_eq!(t.decode(&ids, true).unwrap(), "user\nHi");
-    assert_eq!(t.decode(&ids, false).unwrap(), "<bos><start_of_turn>user\nHi<end_of_turn>");
+    assert_eq!(
+        t.decode(&ids, false).unwrap(),
+        "<bos><start_of_turn>user\nHi<end_of_turn>"
+    );
     let err = t.decode(&[5, 300_000], false).unwrap_err().to_string();
     assert!(err.contains("300000"), "{err}");
 }
@@ -160,14 +219,27 @@ fn gemma3_saved_tokenizer_json_gives_the_same_ids() {
         t1.elapsed().as_secs_f64()
     );
     assert_eq!(hf.vocab_size(), g.tokenizer.vocab_size());
-    assert_eq!((hf.bos_id(), hf.eos_id(), hf.pad_id()), (Some(2), Some(1), Some(0)));
+    assert_eq!(
+        (hf.bos_id(), hf.eos_id(), hf.pad_id()),
+        (Some(2), Some(1), Some(0))
+    );
     assert!(hf.add_bos_default());
     assert_eq!(hf.stop_ids(), vec![1, 106]);
-    check_ids("tokenizer.json written by save_hf", &cases, |s| hf.encode(s, false).unwrap());
+    check_ids("tokenizer.json written by save_hf", &cases, |s| {
+        hf.encode(s, false).unwrap()
+    });
     for c in &cases {
         assert_eq!(hf.decode(&c.ids, false).unwrap(), decoded(&c.text));
     }
-    assert_eq!(hf.encode("Hello", true).unwrap(), g.tokenizer.encode("Hello", true).unwrap());
+    assert_eq!(
+        hf.encode("Hello", true).unwrap(),
+        g.tokenizer.encode("Hello", true).unwrap()
+    );
+    if let Some((_, cases)) = extra_cases() {
+        check_ids("extra golden ids, saved tokenizer.json", &cases, |s| {
+            hf.encode(s, false).unwrap()
+        });
+    }
     if keep.is_none() {
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -201,8 +273,24 @@ fn load(path: &Path) -> ftbench_trainer::Result<Tokenizer> {
 /// "r l" (rank 8) never applies because "o r" (rank 5) takes the r first.
 fn tiny_gpt2_metadata() -> Vec<(&'static str, Value)> {
     let tokens = [
-        "<|endoftext|>", "h", "e", "l", "o", "Ġ", "w", "r", "d", "he", "ll", "hell", "hello", "Ġw", "or",
-        "Ġwor", "ld", "rl",
+        "<|endoftext|>",
+        "h",
+        "e",
+        "l",
+        "o",
+        "Ġ",
+        "w",
+        "r",
+        "d",
+        "he",
+        "ll",
+        "hell",
+        "hello",
+        "Ġw",
+        "or",
+        "Ġwor",
+        "ld",
+        "rl",
     ];
     let mut types = vec![Value::I32(1); tokens.len()];
     types[0] = Value::I32(3);
@@ -212,7 +300,12 @@ fn tiny_gpt2_metadata() -> Vec<(&'static str, Value)> {
         ("tokenizer.ggml.pre", Value::String("gpt-2".into())),
         ("tokenizer.ggml.tokens", strings(&tokens)),
         ("tokenizer.ggml.token_type", Value::Array(types)),
-        ("tokenizer.ggml.merges", strings(&["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "r l"])),
+        (
+            "tokenizer.ggml.merges",
+            strings(&[
+                "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "r l",
+            ]),
+        ),
         ("tokenizer.ggml.bos_token_id", Value::U32(0)),
         ("tokenizer.ggml.eos_token_id", Value::U32(0)),
     ]
@@ -249,8 +342,23 @@ fn gpt2_gguf_vocabulary_encodes_by_merge_rank() {
 fn tiny_spm_gguf_vocabulary() {
     // A SentencePiece vocabulary as GGUF stores it: unknown token typed as control, a
     // user-defined space run written with spaces, byte pieces.
-    let mut tokens = vec!["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "  ", "▁", "h", "i", "▁h", "▁hi"];
-    let mut scores = vec![-1000.0, -1000.0, -1000.0, -1000.0, -1000.0, -1000.0, -1000.0, -1.0, -2.0, -3.0, -4.0, -5.0];
+    let mut tokens = vec![
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "  ",
+        "▁",
+        "h",
+        "i",
+        "▁h",
+        "▁hi",
+    ];
+    let mut scores = vec![
+        -1000.0, -1000.0, -1000.0, -1000.0, -1000.0, -1000.0, -1000.0, -1.0, -2.0, -3.0, -4.0, -5.0,
+    ];
     let mut types = vec![3, 3, 3, 3, 3, 3, 4, 1, 1, 1, 1, 1];
     let bytes: Vec<String> = (0..=255u8).map(|b| format!("<0x{b:02X}>")).collect();
     for b in &bytes {
@@ -261,8 +369,14 @@ fn tiny_spm_gguf_vocabulary() {
     let meta = vec![
         ("tokenizer.ggml.model", Value::String("llama".into())),
         ("tokenizer.ggml.tokens", strings(&tokens)),
-        ("tokenizer.ggml.scores", Value::Array(scores.into_iter().map(Value::F32).collect())),
-        ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect())),
+        (
+            "tokenizer.ggml.scores",
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id", Value::U32(2)),
         ("tokenizer.ggml.eos_token_id", Value::U32(1)),
         ("tokenizer.ggml.unknown_token_id", Value::U32(3)),
@@ -276,15 +390,26 @@ fn tiny_spm_gguf_vocabulary() {
     let t = load(&path).unwrap();
     let byte = |b: u8| 12 + b as u32;
     let expected = vec![4, 8, 9, 6, 11, byte(b'!'), 5];
-    assert_eq!(t.encode("<start_of_turn>hi   hi!<end_of_turn>", false).unwrap(), expected);
+    assert_eq!(
+        t.encode("<start_of_turn>hi   hi!<end_of_turn>", false)
+            .unwrap(),
+        expected
+    );
     assert_eq!(t.encode("hi", true).unwrap(), vec![2, 8, 9]);
     assert_eq!(t.stop_ids(), vec![1, 5]);
 
     let hf_dir = dir.join("hf");
     t.save_hf(&hf_dir).unwrap();
     let hf = Tokenizer::from_file(&hf_dir.join("tokenizer.json")).unwrap();
-    assert_eq!(hf.encode("<start_of_turn>hi   hi!<end_of_turn>", false).unwrap(), expected);
-    assert_eq!(hf.decode(&expected, false).unwrap(), "<start_of_turn>hi   hi!<end_of_turn>");
+    assert_eq!(
+        hf.encode("<start_of_turn>hi   hi!<end_of_turn>", false)
+            .unwrap(),
+        expected
+    );
+    assert_eq!(
+        hf.decode(&expected, false).unwrap(),
+        "<start_of_turn>hi   hi!<end_of_turn>"
+    );
     assert_eq!(hf.encode("hi", true).unwrap(), vec![2, 8, 9]);
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -296,9 +421,14 @@ fn load_err(name: &str, meta: &[(&str, Value)]) -> String {
     let dir = temp_dir(name);
     let path = dir.join(format!("{name}.gguf"));
     write_gguf(&path, meta);
-    let err = load(&path).expect_err("a bad vocabulary must not load").to_string();
+    let err = load(&path)
+        .expect_err("a bad vocabulary must not load")
+        .to_string();
     std::fs::remove_dir_all(&dir).ok();
-    assert!(err.contains(&format!("{name}.gguf")), "error names the file: {err}");
+    assert!(
+        err.contains(&format!("{name}.gguf")),
+        "error names the file: {err}"
+    );
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     err
 }
@@ -308,12 +438,18 @@ fn unknown_tokenizer_model_is_a_clear_error() {
     let mut meta = tiny_gpt2_metadata();
     meta[1].1 = Value::String("wordpiece".into());
     let err = load_err("unknown-model", &meta);
-    assert!(err.contains("tokenizer.ggml.model `wordpiece`") && err.contains("\"llama\" or \"gpt2\""), "{err}");
+    assert!(
+        err.contains("tokenizer.ggml.model `wordpiece`") && err.contains("\"llama\" or \"gpt2\""),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_tokenizer_model_is_a_clear_error() {
-    let meta: Vec<_> = tiny_gpt2_metadata().into_iter().filter(|(k, _)| *k != "tokenizer.ggml.model").collect();
+    let meta: Vec<_> = tiny_gpt2_metadata()
+        .into_iter()
+        .filter(|(k, _)| *k != "tokenizer.ggml.model")
+        .collect();
     let err = load_err("no-model", &meta);
     assert!(err.contains("missing key tokenizer.ggml.model"), "{err}");
 }
@@ -323,10 +459,16 @@ fn tokens_and_scores_of_different_lengths_are_a_clear_error() {
     let meta = vec![
         ("tokenizer.ggml.model", Value::String("llama".into())),
         ("tokenizer.ggml.tokens", strings(&["<unk>", "a", "b"])),
-        ("tokenizer.ggml.scores", Value::Array(vec![Value::F32(0.0), Value::F32(-1.0)])),
+        (
+            "tokenizer.ggml.scores",
+            Value::Array(vec![Value::F32(0.0), Value::F32(-1.0)]),
+        ),
     ];
     let err = load_err("short-scores", &meta);
-    assert!(err.contains("tokenizer.ggml.scores has 2 entries, expected 3"), "{err}");
+    assert!(
+        err.contains("tokenizer.ggml.scores has 2 entries, expected 3"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -342,12 +484,18 @@ fn special_token_id_out_of_range_is_a_clear_error() {
     let mut meta = tiny_gpt2_metadata();
     meta[6].1 = Value::U32(99);
     let err = load_err("bad-bos", &meta);
-    assert!(err.contains("tokenizer.ggml.bos_token_id is 99, expected less than 18"), "{err}");
+    assert!(
+        err.contains("tokenizer.ggml.bos_token_id is 99, expected less than 18"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_tokenizer_json_is_a_clear_error() {
     let path = temp_dir("missing").join("tokenizer.json");
     let err = Tokenizer::from_file(&path).unwrap_err().to_string();
-    assert!(err.contains("tokenizer.json") && err.contains("not found"), "{err}");
+    assert!(
+        err.contains("tokenizer.json") && err.contains("not found"),
+        "{err}"
+    );
 }
