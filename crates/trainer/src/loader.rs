@@ -53,7 +53,7 @@ pub fn load_config(spec: &str) -> Result<ModelConfig> {
     let path = Path::new(spec);
     if path.extension().is_some_and(|e| e == "gguf") {
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut f).map_err(|e| Error::model(path, format!("not a readable gguf file: {e}")))?;
+        let content = gguf_file::Content::read(&mut f).map_err(|e| Error::model(path, format!("not a readable gguf file: {}", candle_msg(&e))))?;
         return gguf_config(&content, path);
     }
     let dir = if path.is_dir() { path.to_path_buf() } else { fetch_hub(spec)? };
@@ -136,7 +136,7 @@ pub fn load_hf_dir(dir: &Path, source: &str, device: &Device) -> Result<LoadedMo
     let mut weights = Weights::new();
     for f in &files {
         let ts = candle_core::safetensors::load(f, &Device::Cpu)
-            .map_err(|e| Error::model(f, format!("cannot read safetensors: {e}")))?;
+            .map_err(|e| Error::model(f, format!("cannot read safetensors: {}", candle_msg(&e))))?;
         for (k, t) in ts {
             // Gemma 3 multimodal checkpoints nest the text model
             let k = k.strip_prefix("language_model.").map(String::from).unwrap_or(k);
@@ -157,11 +157,29 @@ fn md_u32(c: &gguf_file::Content, key: &str, path: &Path) -> Result<usize> {
         .ok_or_else(|| Error::model(path, format!("missing metadata key `{key}`")))?
         .to_u32()
         .map(|v| v as usize)
-        .map_err(|e| Error::model(path, format!("metadata key `{key}`: {e}")))
+        .map_err(|e| Error::model(path, format!("metadata key `{key}`: {}", candle_msg(&e))))
 }
 
 fn md_f64(c: &gguf_file::Content, key: &str) -> Option<f64> {
-    c.metadata.get(key).and_then(|v| v.to_f32().ok().map(|f| f as f64).or_else(|| v.to_f64().ok()))
+    match c.metadata.get(key)? {
+        // llama.cpp stores the HF config's decimal values as f32: read back the shortest decimal
+        // that rounds to that f32 (1e-6, not 9.99999997e-7), so a GGUF file and its HF
+        // checkpoint give the same config and the same logits
+        gguf_file::Value::F32(f) => f.to_string().parse().ok(),
+        gguf_file::Value::F64(f) => Some(*f),
+        _ => None,
+    }
+}
+
+/// A candle error as one line: without the backtrace candle attaches when `RUST_BACKTRACE`
+/// is set.
+fn candle_msg(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_msg(inner)),
+        candle_core::Error::WithPath { inner, path } => format!("{}: {}", path.display(), candle_msg(inner)),
+        e => e.to_string(),
+    }
 }
 
 /// Builds the config from a GGUF file's metadata.
@@ -277,7 +295,7 @@ fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
 pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = gguf_file::Content::read(&mut f)
-        .map_err(|e| Error::model(path, format!("not a readable gguf file: {e}")))?;
+        .map_err(|e| Error::model(path, format!("not a readable gguf file: {}", candle_msg(&e))))?;
     let config = gguf_config(&content, path)?;
     let gemma = config.is_gemma();
     let permuted = matches!(config.family, crate::Family::Llama | crate::Family::Mistral);
@@ -286,10 +304,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
         let Some(hf) = hf_name(name, gemma) else { continue };
         let qt = content
             .tensor(&mut f, name, &Device::Cpu)
-            .map_err(|e| Error::model(path, format!("tensor `{name}`: {e}")))?;
+            .map_err(|e| Error::model(path, format!("tensor `{name}`: {}", candle_msg(&e))))?;
         let mut t = qt
             .dequantize(&Device::Cpu)
-            .map_err(|e| Error::model(path, format!("tensor `{name}` ({:?}): {e}", qt.dtype())))?
+            .map_err(|e| Error::model(path, format!("tensor `{name}` ({:?}): {}", qt.dtype(), candle_msg(&e))))?
             .to_dtype(DType::F32)?;
         if gemma && hf.ends_with("norm.weight") {
             // llama.cpp's converter stores Gemma's norm factor 1 + w

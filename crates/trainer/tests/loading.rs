@@ -1,0 +1,407 @@
+//! The loading paths on tiny models the tests write themselves: HF folders (one file and
+//! sharded), an offline hf-hub cache, GGUF files as llama.cpp lays them out (F32 and Q8_0
+//! tensors), and bad input that must stop with one clear error.
+
+#[path = "common/tiny.rs"]
+mod tiny;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor, D};
+use ftbench_trainer::config::ModelConfig;
+use ftbench_trainer::loader::{self, LoadedModel};
+use ftbench_trainer::model::{Decoder, TrainMode, Weights};
+use serde_json::json;
+
+const FAMILIES: [&str; 3] = ["gemma3", "llama", "qwen2"];
+
+/// Ids of two sequences of 9 tokens: longer than the tiny Gemma sliding window of 4.
+fn ids(vocab: usize) -> Tensor {
+    let v: Vec<u32> = (0..18u32).map(|i| (i * 7 + 3) % vocab as u32).collect();
+    Tensor::from_vec(v, (2, 9), &Device::Cpu).unwrap()
+}
+
+fn logits(config: &ModelConfig, weights: Weights) -> Tensor {
+    let model = Decoder::new(config.clone(), weights, TrainMode::Frozen, 0, &Device::Cpu).unwrap();
+    model.forward_logits(&ids(config.vocab_size), None).unwrap()
+}
+
+fn loaded_logits(m: LoadedModel) -> Tensor {
+    logits(&m.config, m.weights)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn assert_same_logits(what: &str, a: &Tensor, b: &Tensor) {
+    let d = max_diff(a, b);
+    assert!(d == 0.0, "{what}: logits differ by up to {d}");
+}
+
+fn load(spec: &Path) -> LoadedModel {
+    loader::load(spec.to_str().unwrap(), &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", spec.display()))
+}
+
+fn load_err(spec: &str) -> String {
+    match loader::load(spec, &Device::Cpu) {
+        Ok(_) => panic!("{spec}: loaded, expected an error"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(!msg.contains('\n'), "error is not one line: {msg:?}");
+            eprintln!("error (expected): {msg}");
+            msg
+        }
+    }
+}
+
+#[test]
+fn hf_folder_round_trips_for_each_family() {
+    let root = tiny::temp_dir("hf");
+    for fam in FAMILIES {
+        let dir = root.join(fam);
+        let (c, w) = tiny::write_hf_folder(&dir, fam, 11);
+        let expected = logits(&c, w.clone());
+        let m = load(&dir);
+        assert_eq!(m.config, c, "{fam}: config changed through config.json");
+        assert_eq!(m.weights.len(), w.len(), "{fam}: tensor count");
+        assert_eq!(m.tokenizer.bos_id(), Some(2), "{fam}");
+        assert_eq!(m.tokenizer.eos_id(), Some(1), "{fam}");
+        assert_eq!(m.tokenizer.pad_id(), Some(0), "{fam}");
+        assert_eq!(m.tokenizer.encode("how many apples ?", true).unwrap(), vec![2, 12, 13, 14, 7], "{fam}");
+        assert_same_logits(fam, &expected, &loaded_logits(m));
+    }
+    // the untied head, the GQA and the biases really are in the files
+    let names = |fam: &str| -> Vec<String> {
+        candle_core::safetensors::load(root.join(fam).join("model.safetensors"), &Device::Cpu).unwrap().into_keys().collect()
+    };
+    assert!(names("llama").contains(&"lm_head.weight".to_string()));
+    assert!(names("qwen2").contains(&"model.layers.1.self_attn.v_proj.bias".to_string()));
+    assert!(!names("gemma3").contains(&"lm_head.weight".to_string()));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn sharded_checkpoint_loads_like_one_file() {
+    let root = tiny::temp_dir("sharded");
+    let single = root.join("single");
+    let (c, w) = tiny::write_hf_folder(&single, "llama", 12);
+    let expected = logits(&c, w.clone());
+
+    let sharded = root.join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(single.join(f), sharded.join(f)).unwrap();
+    }
+    let files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
+    let mut parts: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    let mut names: Vec<&String> = w.keys().collect();
+    names.sort();
+    let mut total = 0;
+    for (i, name) in names.into_iter().enumerate() {
+        let shard = usize::from(i >= w.len() / 2);
+        total += w[name].elem_count() * 4;
+        parts[shard].insert(name.clone(), w[name].clone());
+        weight_map.insert(name.clone(), json!(files[shard]));
+    }
+    for (part, file) in parts.iter().zip(files) {
+        assert!(!part.is_empty());
+        candle_core::safetensors::save(part, sharded.join(file)).unwrap();
+    }
+    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let m = load(&sharded);
+    assert_eq!(m.weights.len(), w.len());
+    assert_same_logits("sharded", &expected, &loaded_logits(m));
+
+    // a shard named in the index but absent is an error naming it
+    std::fs::remove_file(sharded.join(files[1])).unwrap();
+    let err = load_err(sharded.to_str().unwrap());
+    assert!(err.contains(files[1]), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Everything that reads `HF_HOME` and `HF_HUB_OFFLINE` is in this one test: the
+/// environment is process-wide.
+#[test]
+fn hub_id_loads_from_an_offline_cache() {
+    let root = tiny::temp_dir("hub");
+    let src = root.join("src");
+    let (c, w) = tiny::write_hf_folder(&src, "qwen2", 13);
+    let expected = logits(&c, w);
+
+    let hf_home = root.join("hf-home");
+    let repo = hf_home.join("hub").join("models--tiny-org--tiny-qwen");
+    let revision = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), revision).unwrap();
+    let snapshot = repo.join("snapshots").join(revision);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), snapshot.join(f)).unwrap();
+    }
+
+    let saved: Vec<_> = ["HF_HOME", "HF_HUB_OFFLINE"].iter().map(|k| (*k, std::env::var_os(k))).collect();
+    std::env::set_var("HF_HOME", &hf_home);
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let m = loader::load("tiny-org/tiny-qwen", &Device::Cpu).unwrap();
+        assert_eq!(m.source, "tiny-org/tiny-qwen");
+        assert_eq!(m.path, snapshot);
+        assert_eq!(m.config, c);
+        assert_same_logits("hub", &expected, &loaded_logits(m));
+        assert_eq!(loader::load_config("tiny-org/tiny-qwen").unwrap(), c);
+
+        let err = load_err("tiny-org/missing-model");
+        assert!(err.contains("tiny-org/missing-model"), "names the id: {err}");
+        assert!(err.contains(&hf_home.join("hub").display().to_string()), "names the cache: {err}");
+        assert!(err.contains("HF_HUB_OFFLINE"), "says why nothing was downloaded: {err}");
+    }));
+    for (k, v) in saved {
+        match v {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// GGUF
+
+/// The llama.cpp name of an HF tensor.
+fn gguf_name(hf: &str, gemma: bool) -> String {
+    match hf {
+        "model.embed_tokens.weight" => return "token_embd.weight".into(),
+        "model.norm.weight" => return "output_norm.weight".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (layer, rest) = rest.split_once('.').unwrap();
+    let (module, kind) = rest.rsplit_once('.').unwrap();
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "post_attention_layernorm" if gemma => "post_attention_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        other => panic!("no gguf name for {other}"),
+    };
+    format!("blk.{layer}.{g}.{kind}")
+}
+
+/// llama.cpp's row order for Llama q/k: `w.reshape(heads, 2, hd/2, in).swapaxes(1, 2)`.
+fn permute_qk(w: &Tensor, heads: usize) -> Tensor {
+    let (out_f, in_f) = w.dims2().unwrap();
+    let hd = out_f / heads;
+    w.reshape((heads, 2, hd / 2, in_f)).unwrap().transpose(1, 2).unwrap().reshape((out_f, in_f)).unwrap()
+}
+
+/// Tensors stored as Q8_0 in the tiny GGUF files (the rest are F32).
+fn quantized(hf: &str) -> bool {
+    matches!(hf, "model.embed_tokens.weight" | "model.layers.0.mlp.gate_proj.weight" | "model.layers.1.mlp.down_proj.weight")
+}
+
+/// A SentencePiece vocabulary as llama.cpp embeds it: specials, then pieces scored so that
+/// "ab ab" encodes to `▁ab ▁ab`.
+fn tokenizer_metadata() -> Vec<(String, Value)> {
+    let pieces: [(&str, f32, i32); 11] = [
+        ("<pad>", 0.0, 3),
+        ("<eos>", 0.0, 3),
+        ("<bos>", 0.0, 3),
+        ("<unk>", 0.0, 2),
+        ("\u{2581}", -10.0, 1),
+        ("a", -10.0, 1),
+        ("b", -10.0, 1),
+        ("\u{2581}a", -3.0, 1),
+        ("\u{2581}b", -4.0, 1),
+        ("ab", -2.0, 1),
+        ("\u{2581}ab", -1.0, 1),
+    ];
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(pieces.iter().map(|p| Value::String(p.0.into())).collect())),
+        ("tokenizer.ggml.scores".into(), Value::Array(pieces.iter().map(|p| Value::F32(p.1)).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(pieces.iter().map(|p| Value::I32(p.2)).collect())),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.padding_token_id".into(), Value::U32(0)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(3)),
+    ]
+}
+
+/// Writes `w` (HF names and conventions) as a GGUF file the way llama.cpp's converter does and
+/// returns the weights an HF checkpoint of the same model holds: the Q8_0 tensors replaced by
+/// their dequantized values, so both files hold exactly the same numbers.
+fn write_gguf(path: &Path, arch: &str, c: &ModelConfig, w: &Weights) -> Weights {
+    let gemma = c.is_gemma();
+    let mut hf_side = Weights::new();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut names: Vec<&String> = w.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &w[name];
+        let mut stored = t.clone();
+        if gemma && name.ends_with("norm.weight") {
+            stored = (stored + 1.0).unwrap();
+        }
+        if arch == "llama" && name.ends_with("self_attn.q_proj.weight") {
+            stored = permute_qk(&stored, c.num_attention_heads);
+        } else if arch == "llama" && name.ends_with("self_attn.k_proj.weight") {
+            stored = permute_qk(&stored, c.num_key_value_heads);
+        }
+        let q = if quantized(name) {
+            let q = QTensor::quantize(&stored, GgmlDType::Q8_0).unwrap();
+            let back = q.dequantize(&Device::Cpu).unwrap();
+            assert!(max_diff(&back, t) > 0.0, "{name}: Q8_0 should change the values");
+            hf_side.insert(name.clone(), back);
+            q
+        } else {
+            hf_side.insert(name.clone(), t.clone());
+            QTensor::quantize(&stored, GgmlDType::F32).unwrap()
+        };
+        tensors.push((gguf_name(name, gemma), q));
+    }
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String(format!("tiny {arch}"))),
+        (k("context_length"), Value::U32(c.max_position_embeddings as u32)),
+        (k("embedding_length"), Value::U32(c.hidden_size as u32)),
+        (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
+        (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
+        (k("attention.head_count"), Value::U32(c.num_attention_heads as u32)),
+        (k("attention.head_count_kv"), Value::U32(c.num_key_value_heads as u32)),
+        (k("attention.key_length"), Value::U32(c.head_dim as u32)),
+        (k("attention.value_length"), Value::U32(c.head_dim as u32)),
+        (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
+        (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        (k("rope.dimension_count"), Value::U32(c.head_dim as u32)),
+    ];
+    if gemma {
+        md.push((k("attention.sliding_window"), Value::U32(c.sliding_window.unwrap() as u32)));
+    }
+    md.extend(tokenizer_metadata());
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+    hf_side
+}
+
+#[test]
+fn gguf_reproduces_the_hf_model() {
+    let root = tiny::temp_dir("gguf");
+    for (fam, arch) in [("gemma3", "gemma3"), ("llama", "llama"), ("qwen2", "qwen2")] {
+        let c = tiny::config(fam);
+        let w = tiny::weights(&c, 21);
+        let gguf = root.join(format!("{fam}.gguf"));
+        let hf_weights = write_gguf(&gguf, arch, &c, &w);
+
+        // the HF side: a folder holding the same numbers
+        let dir = root.join(fam);
+        let tok = tiny::write_tokenizer(&root.join(format!("{fam}-tok")));
+        loader::save_hf_dir(&dir, &c, &hf_weights, &tok).unwrap();
+        let hf = load(&dir);
+        let expected = loaded_logits(hf);
+
+        let m = loader::load_gguf(&gguf, &Device::Cpu).unwrap_or_else(|e| panic!("{fam}: {e}"));
+        assert_eq!(m.config, c, "{fam}: config from GGUF metadata");
+        assert_eq!(loader::load_config(gguf.to_str().unwrap()).unwrap(), c, "{fam}: load_config");
+        assert_eq!(m.weights.len(), w.len(), "{fam}: tensor count");
+        assert_eq!(m.tokenizer.encode("ab ab", true).unwrap(), vec![2, 10, 10], "{fam}: embedded tokenizer");
+        assert_eq!(m.tokenizer.eos_id(), Some(1));
+        let got = loaded_logits(m);
+        assert_same_logits(&format!("{fam} gguf"), &expected, &got);
+
+        // and through `load`, by extension
+        let m = load(&gguf);
+        assert_same_logits(&format!("{fam} gguf via load"), &expected, &loaded_logits(m));
+
+        // the Q8_0 rounding is small: the model with the original f32 weights is close
+        let d = max_diff(&expected, &logits(&c, w));
+        assert!(d > 0.0 && d < 1e-2, "{fam}: Q8_0 moved the logits by {d}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+// ---------------------------------------------------------------------------------------
+// bad input
+
+#[test]
+fn bad_input_gives_one_clear_error() {
+    let root = tiny::temp_dir("bad");
+
+    // a missing path: folder-like and .gguf
+    let missing = root.join("no-such-model");
+    let err = load_err(missing.to_str().unwrap());
+    assert!(err.contains(missing.to_str().unwrap()) && err.contains("not found"), "{err}");
+    let missing = root.join("no-such-model.gguf");
+    let err = load_err(missing.to_str().unwrap());
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+
+    // random bytes named .gguf
+    let corrupt = root.join("corrupt.gguf");
+    let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let err = load_err(corrupt.to_str().unwrap());
+    assert!(err.contains("corrupt.gguf") && err.contains("not a readable gguf file"), "{err}");
+    let err = loader::load_config(corrupt.to_str().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("corrupt.gguf") && err.contains("not a readable gguf file"), "{err}");
+
+    // a valid GGUF cut short inside its tensor data
+    let c = tiny::config("qwen2");
+    let good = root.join("good.gguf");
+    write_gguf(&good, "qwen2", &c, &tiny::weights(&c, 1));
+    let full = std::fs::read(&good).unwrap();
+    let cut = root.join("cut.gguf");
+    std::fs::write(&cut, &full[..full.len() - 100]).unwrap();
+    let err = load_err(cut.to_str().unwrap());
+    assert!(err.contains("cut.gguf"), "{err}");
+
+    // an architecture we do not implement
+    let bert = root.join("bert");
+    tiny::write_hf_folder(&bert, "llama", 1);
+    let mut cfg = tiny::config_json("llama");
+    cfg["model_type"] = json!("bert");
+    std::fs::write(bert.join("config.json"), cfg.to_string()).unwrap();
+    let err = load_err(bert.to_str().unwrap());
+    assert!(err.contains("config.json") && err.contains("unknown architecture") && err.contains("bert"), "{err}");
+
+    // a truncated safetensors file
+    let trunc = root.join("truncated");
+    tiny::write_hf_folder(&trunc, "llama", 1);
+    let st = trunc.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_err(trunc.to_str().unwrap());
+    assert!(err.contains("model.safetensors") && err.contains("cannot read safetensors"), "{err}");
+
+    // a folder without weights
+    let empty = root.join("empty");
+    tiny::write_hf_folder(&empty, "llama", 1);
+    std::fs::remove_file(empty.join("model.safetensors")).unwrap();
+    let err = load_err(empty.to_str().unwrap());
+    assert!(err.contains("model.safetensors"), "{err}");
+
+    let _ = std::fs::remove_dir_all(&root);
+}
