@@ -278,8 +278,13 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> CResult<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // LM head + masked cross-entropy, chunked
 
-/// Tokens per chunk of the LM head: the logits of one chunk are `[chunk, vocab]`.
-pub const LM_HEAD_CHUNK: usize = 128;
+/// Bytes of logits the LM head materialises at once: the tokens are cut into chunks whose
+/// `[chunk, vocab]` logits fit in it (512 tokens for a 262k vocabulary in f32).
+pub const LM_HEAD_CHUNK_BYTES: usize = 512 << 20;
+
+fn lm_head_chunk(vocab: usize, elem_size: usize) -> usize {
+    (LM_HEAD_CHUNK_BYTES / (vocab * elem_size).max(1)).max(1)
+}
 
 struct LmHeadLoss {
     targets: Vec<u32>,
@@ -288,8 +293,82 @@ struct LmHeadLoss {
     /// when set, the gradient of `W` is computed too (full fine-tuning)
     weight_grad: bool,
     softcap: Option<f64>,
+    /// tokens per chunk; None = as many as fit in [`LM_HEAD_CHUNK_BYTES`]
+    chunk: Option<usize>,
     /// filled by the forward pass: (d loss / d hidden, d loss / d W)
     grads: Mutex<Option<(Tensor, Option<Tensor>)>>,
+}
+
+/// `exp(x)` for f32 by range reduction to `[-ln2/2, ln2/2]` and a degree-6 polynomial
+/// (relative error below 2e-7); written so the compiler can vectorise loops over it.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // round to nearest by the 1.5·2^23 trick (no libm call, so the loop vectorises)
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// One row of logits in place: returns the row's negative log-likelihood of `tgt` and
+/// replaces the logits by `scale · (softmax - onehot(tgt))`, the gradient of `scale · nll`.
+fn nll_and_grad_f32(row: &mut [f32], tgt: usize, scale: f32) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let target_logit = row[tgt];
+    let mut sum = 0.0f32;
+    for v in row.iter_mut() {
+        let e = fast_exp(*v - max);
+        *v = e;
+        sum += e;
+    }
+    let k = scale / sum;
+    for v in row.iter_mut() {
+        *v *= k;
+    }
+    row[tgt] -= scale;
+    (max as f64 + (sum as f64).ln()) - target_logit as f64
+}
+
+/// The same in f64, with optional soft-capping `z = cap·tanh(l / cap)`.
+fn nll_and_grad_generic<T: WithDType>(row: &mut [T], tgt: usize, scale: f64, softcap: Option<f64>) -> f64 {
+    let capped = |l: f64| match softcap {
+        Some(cap) => cap * (l / cap).tanh(),
+        None => l,
+    };
+    let max = row.iter().map(|v| capped(v.to_f64())).fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = row.iter().map(|v| (capped(v.to_f64()) - max).exp()).sum();
+    let lse = max + sum.ln();
+    let nll = lse - capped(row[tgt].to_f64());
+    for (j, v) in row.iter_mut().enumerate() {
+        let z = capped(v.to_f64());
+        let mut g = (z - lse).exp();
+        if j == tgt {
+            g -= 1.0;
+        }
+        if let Some(cap) = softcap {
+            // dz/dl = 1 - (z/cap)²
+            g *= 1.0 - (z / cap) * (z / cap);
+        }
+        *v = T::from_f64(g * scale);
+    }
+    nll
+}
+
+/// The vector inside an owned storage, without a copy when the dtype matches.
+fn owned_vec<T: WithDType>(s: CpuStorage) -> CResult<Vec<T>> {
+    let v: Box<dyn std::any::Any> = match s {
+        CpuStorage::F32(v) => Box::new(v),
+        CpuStorage::F64(v) => Box::new(v),
+        other => return Ok(other.as_slice::<T>()?.to_vec()),
+    };
+    match v.downcast::<Vec<T>>() {
+        Ok(v) => Ok(*v),
+        Err(_) => candle_core::bail!("lm_head_loss: unexpected dtype of the logits"),
+    }
 }
 
 impl LmHeadLoss {
@@ -300,10 +379,11 @@ impl LmHeadLoss {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let h = contiguous_slice::<T>(hs, hl, "lm_head_loss")?;
-        let w = contiguous_slice::<T>(ws, wl, "lm_head_loss")?;
         let (n, hidden) = hl.shape().dims2()?;
         let (vocab, hidden_w) = wl.shape().dims2()?;
+        let (Some((h_off, _)), Some(_)) = (hl.contiguous_offsets(), wl.contiguous_offsets()) else {
+            candle_core::bail!("lm_head_loss: inputs must be contiguous")
+        };
         if hidden != hidden_w || self.targets.len() != n || self.mask.len() != n {
             candle_core::bail!(
                 "lm_head_loss: hidden [{n}, {hidden}], weight [{vocab}, {hidden_w}], {} targets, {} mask values",
@@ -315,21 +395,24 @@ impl LmHeadLoss {
             candle_core::bail!("lm_head_loss: target id {bad} outside the vocabulary of {vocab}");
         }
         let dev = candle_core::Device::Cpu;
-        let w_t = Tensor::from_slice(w, (vocab, hidden), &dev)?;
+        let wt = wl.transpose(0, 1)?; // [hidden, vocab] view of W
         let denom: f64 = self.mask.iter().map(|&m| m as f64).sum::<f64>().max(1.0);
         let mut loss = 0.0f64;
         let mut dh = vec![T::zero(); n * hidden];
-        let mut dw: Option<Tensor> = None;
-        for start in (0..n).step_by(LM_HEAD_CHUNK) {
-            let end = (start + LM_HEAD_CHUNK).min(n);
+        let mut dw: Option<CpuStorage> = None;
+        let chunk = self.chunk.unwrap_or_else(|| lm_head_chunk(vocab, T::DTYPE.size_in_bytes())).max(1);
+        for start in (0..n).step_by(chunk) {
+            let end = (start + chunk).min(n);
             let c = end - start;
             if self.mask[start..end].iter().all(|&m| m == 0.0) {
                 continue;
             }
-            let hc = Tensor::from_slice(&h[start * hidden..end * hidden], (c, hidden), &dev)?;
-            let logits = hc.matmul(&w_t.t()?)?; // [c, vocab]
-            let mut dlogits = logits.flatten_all()?.to_vec1::<T>()?;
-            let chunk_loss: f64 = dlogits
+            // logits of the chunk: [c, vocab], straight from the storages (no copy of W)
+            let hc_l = Layout::contiguous_with_offset((c, hidden), h_off + start * hidden);
+            let logits = hs.matmul(ws, (1, c, vocab, hidden), &hc_l, &wt)?;
+            let mut rows: Vec<T> = owned_vec(logits)?;
+            // per row: loss and, in place, the gradient of the logits
+            let chunk_loss: f64 = rows
                 .par_chunks_mut(vocab)
                 .enumerate()
                 .map(|(i, row)| {
@@ -339,46 +422,41 @@ impl LmHeadLoss {
                         return 0.0;
                     }
                     let tgt = self.targets[start + i] as usize;
-                    // optional soft-capping: z = cap·tanh(l / cap), dz/dl = 1 - (z/cap)²
-                    let capped = |l: f64| match self.softcap {
-                        Some(cap) => cap * (l / cap).tanh(),
-                        None => l,
-                    };
-                    let max = row.iter().map(|v| capped(v.to_f64())).fold(f64::NEG_INFINITY, f64::max);
-                    let sum: f64 = row.iter().map(|v| (capped(v.to_f64()) - max).exp()).sum();
-                    let lse = max + sum.ln();
-                    let nll = lse - capped(row[tgt].to_f64());
                     let scale = m / denom;
-                    for (j, v) in row.iter_mut().enumerate() {
-                        let z = capped(v.to_f64());
-                        let mut g = (z - lse).exp();
-                        if j == tgt {
-                            g -= 1.0;
+                    let nll = match (T::DTYPE, self.softcap) {
+                        (DType::F32, None) => {
+                            // SAFETY: T::DTYPE is F32, so T is f32 and the slice keeps its layout
+                            let row32: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut f32, row.len()) };
+                            nll_and_grad_f32(row32, tgt, scale as f32)
                         }
-                        if let Some(cap) = self.softcap {
-                            g *= 1.0 - (z / cap) * (z / cap);
-                        }
-                        *v = T::from_f64(g * scale);
-                    }
+                        _ => nll_and_grad_generic(row, tgt, scale, self.softcap),
+                    };
                     nll * scale
                 })
                 .sum();
             loss += chunk_loss;
-            let dl = Tensor::from_vec(dlogits, (c, vocab), &dev)?;
-            let dhc = dl.matmul(&w_t)?.flatten_all()?.to_vec1::<T>()?;
-            dh[start * hidden..end * hidden].copy_from_slice(&dhc);
+            // dh_chunk = dlogits · W: [c, vocab] x [vocab, hidden]
+            let dl = T::to_cpu_storage_owned(rows);
+            let dl_l = Layout::contiguous((c, vocab));
+            let dhc = dl.matmul(ws, (1, c, hidden, vocab), &dl_l, wl)?;
+            dh[start * hidden..end * hidden].copy_from_slice(dhc.as_slice::<T>()?);
             if self.weight_grad {
-                let g = dl.t()?.matmul(&hc)?; // [vocab, hidden]
+                // dW += dlogitsᵀ · h_chunk: [vocab, c] x [c, hidden]
+                let g = dl.matmul(hs, (1, vocab, hidden, c), &dl_l.transpose(0, 1)?, &hc_l)?;
                 dw = Some(match dw {
-                    Some(acc) => (acc + g)?,
                     None => g,
+                    Some(acc) => {
+                        let l = Layout::contiguous((vocab, hidden));
+                        acc.binary_impl::<candle_core::op::Add>(&g, &l, &l)?
+                    }
                 });
             }
         }
         let dh = Tensor::from_vec(dh, (n, hidden), &dev)?;
         let dw = match (self.weight_grad, dw) {
+            (false, _) => None,
             (true, None) => Some(Tensor::zeros((vocab, hidden), T::DTYPE, &dev)?),
-            (_, dw) => dw,
+            (true, Some(s)) => Some(Tensor::from_vec(s.as_slice::<T>()?.to_vec(), (vocab, hidden), &dev)?),
         };
         *self.grads.lock().unwrap() = Some((dh, dw));
         Ok((T::to_cpu_storage_owned(vec![T::from_f64(loss)]), Shape::from(())))
@@ -425,7 +503,7 @@ impl CustomOp2 for LmHeadLoss {
 }
 
 /// Masked mean cross-entropy of `softcap(h Wᵀ)` against `targets`, computed in chunks of
-/// [`LM_HEAD_CHUNK`] tokens. `h: [n, hidden]`, `w: [vocab, hidden]`; `mask[i]` weights token
+/// tokens whose logits fit in [`LM_HEAD_CHUNK_BYTES`]. `h: [n, hidden]`, `w: [vocab, hidden]`; `mask[i]` weights token
 /// i's loss (0 = no loss). The gradient for `h` (and for `w` when `weight_grad`) is computed
 /// during the forward pass and kept until the backward.
 pub fn lm_head_loss(
@@ -436,10 +514,23 @@ pub fn lm_head_loss(
     weight_grad: bool,
     softcap: Option<f64>,
 ) -> CResult<Tensor> {
+    lm_head_loss_chunked(h, w, targets, mask, weight_grad, softcap, None)
+}
+
+/// [`lm_head_loss`] with an explicit number of tokens per chunk.
+pub fn lm_head_loss_chunked(
+    h: &Tensor,
+    w: &Tensor,
+    targets: Vec<u32>,
+    mask: Vec<f32>,
+    weight_grad: bool,
+    softcap: Option<f64>,
+    chunk: Option<usize>,
+) -> CResult<Tensor> {
     if !h.device().is_cpu() {
         candle_core::bail!("lm_head_loss: only the cpu device is supported in this build");
     }
-    let op = LmHeadLoss { targets, mask, weight_grad, softcap, grads: Mutex::new(None) };
+    let op = LmHeadLoss { targets, mask, weight_grad, softcap, chunk, grads: Mutex::new(None) };
     h.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
@@ -584,7 +675,7 @@ mod tests {
         let (t2, m2) = (targets.clone(), mask.clone());
         let hv = Var::from_tensor(&h).unwrap();
         let wv = Var::from_tensor(&w).unwrap();
-        let l1 = lm_head_loss(hv.as_tensor(), wv.as_tensor(), targets, mask, true, None).unwrap();
+        let l1 = lm_head_loss_chunked(hv.as_tensor(), wv.as_tensor(), targets, mask, true, None, Some(128)).unwrap();
         let l2 = lm_head_loss_reference(hv.as_tensor(), wv.as_tensor(), &t2, &m2).unwrap();
         assert!(max_abs_diff(&l1, &l2) < 1e-10);
         let g1 = (&l1 * 3.0).unwrap().backward().unwrap();
@@ -614,5 +705,37 @@ mod tests {
                 / (2.0 * h);
             assert!((fd - g[i]).abs() < 1e-7, "element {i}: finite difference {fd}, backward {}", g[i]);
         }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let rel = ((fast_exp(x) as f64) - (x as f64).exp()).abs() / (x as f64).exp();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(fast_exp(-1000.0) < 1e-37, true);
+    }
+
+    #[test]
+    fn f32_lm_loss_matches_f64_reference() {
+        let (n, hidden, vocab) = (37, 8, 300);
+        let h = randn(&[n, hidden], 13);
+        let w = randn(&[vocab, hidden], 14);
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 11 + 5) % vocab as u32).collect();
+        let mask = vec![1.0f32; n];
+        let reference = lm_head_loss_reference(&h, &w, &targets, &mask).unwrap().to_scalar::<f64>().unwrap();
+        let h32 = Var::from_tensor(&h.to_dtype(DType::F32).unwrap()).unwrap();
+        let w32 = w.to_dtype(DType::F32).unwrap();
+        let l = lm_head_loss_chunked(h32.as_tensor(), &w32, targets.clone(), mask.clone(), false, None, Some(10)).unwrap();
+        assert!((l.to_scalar::<f32>().unwrap() as f64 - reference).abs() < 1e-5);
+        let g = l.backward().unwrap();
+        let hv = Var::from_tensor(&h).unwrap();
+        let g_ref = lm_head_loss_reference(hv.as_tensor(), &w, &targets, &mask).unwrap().backward().unwrap();
+        let d = max_abs_diff(&g.get(&h32).unwrap().to_dtype(DType::F64).unwrap(), g_ref.get(&hv).unwrap());
+        assert!(d < 1e-6, "{d}");
     }
 }
