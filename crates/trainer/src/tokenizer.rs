@@ -345,6 +345,17 @@ impl Tokenizer {
     /// Writes `dir/tokenizer.json` and `dir/tokenizer_config.json` (bos, eos, pad, unk,
     /// `add_bos_token`) so that HF `tokenizers` and `transformers` load the tokenizer and
     /// encode text to the same ids. The folder is created when missing.
+    ///
+    /// A SentencePiece vocabulary becomes a BPE model with byte fallback whose merges are
+    /// derived from the scores. Two corners of SentencePiece have no exact equivalent there:
+    /// - Where two merges that make the same piece overlap (`ab|a|ba` making `aba` either
+    ///   way), SentencePiece takes the left one and HF BPE the one ranked first. A check on
+    ///   47k strings (`scripts/reference/spm_golden.py --corpus --random`) met no such case.
+    /// - With a space prefix (Llama 2 style vocabularies), HF adds the `▁` to every stretch
+    ///   of text after a special token, SentencePiece only at the start of the text.
+    ///
+    /// User-defined tokens are written with `▁` for their spaces, so [`Tokenizer::piece`]
+    /// of a reloaded tokenizer shows `"▁▁"` where the GGUF stores `"  "`.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let tokenizer_path = dir.join("tokenizer.json");
