@@ -58,6 +58,27 @@ fn run_id(name: &str) -> String {
     format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{clean}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Claims a run folder: creates `parent/.<id>.partial` for the first id (`base`, then
+/// `base-2`, `base-3`, ...) that neither a finished run nor another run's staging folder
+/// uses. Run ids have a resolution of one second, so runs started within the same second
+/// (or at the same time) get distinct folders instead of sharing one.
+fn claim_run_dir(parent: &Path, base: &str) -> CliResult<(String, PathBuf, PathBuf)> {
+    for n in 1usize.. {
+        let id = if n == 1 { base.to_string() } else { format!("{base}-{n}") };
+        let final_dir = parent.join(&id);
+        if final_dir.exists() {
+            continue;
+        }
+        let staging = parent.join(format!(".{id}.partial"));
+        match std::fs::create_dir(&staging) {
+            Ok(()) => return Ok((id, staging, final_dir)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("{}: {e}", staging.display())),
+        }
+    }
+    unreachable!("an unused run id exists")
+}
+
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar.
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -74,11 +95,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 pub fn train(args: &TrainArgs) -> CliResult<()> {
     let cfg = RunConfig::load(&args.config, &args.set).ctx()?;
     let threads = set_threads(cfg.model.threads);
-    let id = run_id(&cfg.name);
     std::fs::create_dir_all(&cfg.output.dir).map_err(|e| format!("{}: {e}", cfg.output.dir.display()))?;
-    let staging = cfg.output.dir.join(format!(".{id}.partial"));
-    let final_dir = cfg.output.dir.join(&id);
-    std::fs::create_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+    let (id, staging, final_dir) = claim_run_dir(&cfg.output.dir, &run_id(&cfg.name))?;
     match train_into(&cfg, &staging, &id, threads) {
         Ok(()) => {
             std::fs::rename(&staging, &final_dir).map_err(|e| format!("{}: {e}", final_dir.display()))?;

@@ -1,0 +1,403 @@
+//! The `ftbench` binary end to end on a tiny Gemma 3 model the test writes itself: `train`
+//! writes a complete run folder, two runs with one seed agree, `eval`, `score`, `generate`
+//! and `export --merge` use what it wrote, and bad input stops with one `error:` line and
+//! no results folder.
+
+#[path = "../../trainer/tests/common/tiny.rs"]
+mod tiny;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ftbench");
+
+/// A temp folder with a tiny Gemma 3 HF folder, a GSM8K-style file and a config.
+struct Setup {
+    root: PathBuf,
+    model: PathBuf,
+    data: PathBuf,
+    config: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if !std::thread::panicking() && std::env::var_os("FTBENCH_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Ten GSM8K-style lines made of the tiny vocabulary's words.
+fn gsm8k_lines() -> String {
+    let mut out = String::new();
+    for i in 0..10u32 {
+        let (a, b) = (i % 4 + 1, (i * 3) % 5 + 1);
+        let (a, b) = if a + b > 9 { (4, 3) } else { (a, b) };
+        let fruit = if i % 2 == 0 { "apples" } else { "pears" };
+        let q = format!("tom has {a} {fruit} and buys {b} more . how many {fruit} does he have ?");
+        let ans = format!("he has {a} + {b} = {} {fruit} . #### {}", a + b, a + b);
+        out.push_str(&serde_json::json!({"question": q, "answer": ans}).to_string());
+        out.push('\n');
+    }
+    out
+}
+
+fn setup(name: &str) -> Setup {
+    let root = tiny::temp_dir(&format!("cli-{name}"));
+    let model = root.join("model");
+    tiny::write_hf_folder(&model, "gemma3", 5);
+    let data = root.join("gsm8k.jsonl");
+    std::fs::write(&data, gsm8k_lines()).unwrap();
+    let config = root.join("tiny.toml");
+    let toml = format!(
+        r#"name = "tiny"
+seed = 7
+
+[model]
+path = "{model}"
+threads = 1
+
+[lora]
+rank = 8
+alpha = 16
+dropout = 0.0
+target_modules = "all-linear"
+
+[data]
+train_path = "{data}"
+eval_path = "{data}"
+format = "gsm8k"
+max_seq_len = 64
+
+[train]
+steps = 6
+batch_size = 4
+learning_rate = 0.02
+warmup_steps = 1
+
+[eval]
+heldout_loss = true
+batch_size = 4
+gsm8k_examples = 2
+gsm8k_path = "{data}"
+max_new_tokens = 6
+"#,
+        model = model.display(),
+        data = data.display()
+    );
+    std::fs::write(&config, toml).unwrap();
+    Setup { root, model, data, config }
+}
+
+fn ftbench(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(BIN).args(args).current_dir(cwd).output().expect("run ftbench")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs and requires success; returns stdout.
+fn ok(cwd: &Path, args: &[&str]) -> String {
+    let out = ftbench(cwd, args);
+    assert!(
+        out.status.success(),
+        "ftbench {args:?} failed ({})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Runs and requires failure with exactly one `error:` line; returns that line.
+fn fails(cwd: &Path, args: &[&str]) -> String {
+    let out = ftbench(cwd, args);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "ftbench {args:?} succeeded, expected an error\nstderr:\n{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "ftbench {args:?}: expected one error line, stderr:\n{stderr}");
+    let line = errors[0];
+    eprintln!("{line}");
+    // nothing after the error line (no backtrace, no second message)
+    let after: Vec<&str> = stderr.lines().skip_while(|l| !l.starts_with("error:")).skip(1).collect();
+    assert!(after.iter().all(|l| l.trim().is_empty()), "ftbench {args:?}: lines after the error:\n{stderr}");
+    line.to_string()
+}
+
+/// Run folders under `results/` (names starting with a dot included).
+fn results(cwd: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(cwd.join("results")) {
+        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn metric_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| {
+        let v: Value = serde_json::from_str(l).unwrap();
+        v["loss"].as_f64().unwrap()
+    }).collect()
+}
+
+/// `score --json` log-probabilities, None for the first token.
+fn score(cwd: &Path, model: &Path, adapter: Option<&Path>, text: &str) -> Vec<(u64, Option<f64>)> {
+    let m = model.to_str().unwrap();
+    let mut args = vec!["score", "--model", m, "--threads", "1", "--text", text, "--json"];
+    let a;
+    if let Some(ad) = adapter {
+        a = ad.to_str().unwrap().to_string();
+        args.extend(["--adapter", a.as_str()]);
+    }
+    let out: Value = serde_json::from_str(ok(cwd, &args).trim()).unwrap();
+    out["tokens"].as_array().unwrap().iter().map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64())).collect()
+}
+
+#[test]
+fn train_then_eval_score_generate_export() {
+    let s = setup("train");
+    let cwd = &s.root;
+    let cfg = s.config.to_str().unwrap();
+    ok(cwd, &["train", "--config", cfg]);
+    let runs = results(cwd);
+    assert_eq!(runs.len(), 1, "one run folder, no staging left: {runs:?}");
+    let run = cwd.join("results").join(&runs[0]);
+
+    // config.toml: the resolved config, readable again
+    let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let resolved: toml::Value = toml::from_str(&resolved).unwrap();
+    assert_eq!(resolved["train"]["steps"].as_integer(), Some(6));
+    assert_eq!(resolved["seed"].as_integer(), Some(7));
+
+    // metrics.jsonl: one line per step with the promised fields
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 6);
+    let mut last_tokens = 0;
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"].as_u64(), Some(i as u64 + 1));
+        for key in ["loss", "lr", "tokens_per_s", "elapsed_s"] {
+            let v = l[key].as_f64().unwrap_or_else(|| panic!("step {}: no `{key}` in {l}", i + 1));
+            assert!(v.is_finite() && v >= 0.0, "step {}: {key} = {v}", i + 1);
+        }
+        let tokens = l["tokens"].as_u64().unwrap();
+        assert!(tokens > last_tokens, "tokens are cumulative");
+        last_tokens = tokens;
+    }
+
+    // run.json: held-out loss before and after, lower after
+    let record = read_json(&run.join("run.json"));
+    let before = record["heldout_loss_before"].as_f64().expect("heldout_loss_before");
+    let after = record["heldout_loss_after"].as_f64().expect("heldout_loss_after");
+    assert!(after < before, "held-out loss {before} -> {after}");
+    eprintln!("held-out loss {before} -> {after}");
+    assert_eq!(record["steps"].as_u64(), Some(6));
+    assert_eq!(record["total_tokens"].as_u64(), Some(last_tokens));
+
+    // adapter in PEFT's layout
+    let adapter = run.join("adapter");
+    let ac = read_json(&adapter.join("adapter_config.json"));
+    assert_eq!(ac["peft_type"], "LORA");
+    assert_eq!(ac["r"].as_u64(), Some(8));
+    assert_eq!(ac["lora_alpha"].as_f64(), Some(16.0));
+    let tensors = candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for key in [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+        "base_model.model.model.layers.5.mlp.down_proj.lora_B.weight",
+    ] {
+        assert!(tensors.contains_key(key), "adapter has no {key}; keys: {:?}", tensors.keys().collect::<Vec<_>>());
+    }
+    assert_eq!(tensors.len(), 2 * 7 * 6, "all-linear: 7 projections in 6 layers");
+
+    // eval: the held-out loss of the base and of base + adapter match the run's before/after
+    let (m, d) = (s.model.to_str().unwrap(), s.data.to_str().unwrap());
+    let ad = adapter.to_str().unwrap();
+    let eval = |extra: &[&str]| -> Value {
+        let mut args = vec!["eval", "--model", m, "--threads", "1", "--data", d, "--max-seq-len", "64", "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(ok(cwd, &args).trim()).unwrap()
+    };
+    let base = eval(&[]);
+    let tuned = eval(&["--adapter", ad, "--gsm8k", "2", "--gsm8k-path", d, "--max-new-tokens", "6"]);
+    let (lb, la) = (base["heldout_loss"].as_f64().unwrap(), tuned["heldout_loss"].as_f64().unwrap());
+    assert!((lb - before).abs() < 1e-4, "eval base {lb} vs run before {before}");
+    assert!((la - after).abs() < 1e-4, "eval adapter {la} vs run after {after}");
+    assert_eq!(tuned["gsm8k"]["total"].as_u64(), Some(2));
+
+    // score: one entry per token, BOS first without a log-probability
+    let words = "tom has 3 apples and buys 4 more";
+    let scored = score(cwd, &s.model, Some(&adapter), words);
+    assert_eq!(scored.len(), 1 + words.split(' ').count());
+    assert_eq!(scored[0], (2, None), "first entry is the BOS without a log-probability");
+    assert!(scored[1..].iter().all(|(_, lp)| lp.is_some_and(|v| v <= 0.0 && v.is_finite())));
+
+    // generate prints the prompt and a completion
+    let prompt = "Question : tom has 3 apples";
+    let out = ok(cwd, &["generate", "--model", m, "--adapter", ad, "--threads", "1", "--prompt", prompt, "--max-new-tokens", "5"]);
+    assert!(out.starts_with(prompt), "{out:?}");
+
+    // export --merge: the merged model scores like base + adapter
+    let merged = s.root.join("merged");
+    ok(cwd, &["export", "--model", m, "--adapter", ad, "--threads", "1", "--merge", "--out", merged.to_str().unwrap()]);
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(merged.join(f).is_file(), "export wrote no {f}");
+    }
+    let merged_scores = score(cwd, &merged, None, words);
+    assert_eq!(merged_scores.len(), scored.len());
+    for ((ia, a), (ib, b)) in scored.iter().zip(&merged_scores) {
+        assert_eq!(ia, ib);
+        match (a, b) {
+            (None, None) => {}
+            (Some(a), Some(b)) => assert!((a - b).abs() < 1e-4, "merged {b} vs adapter {a}"),
+            _ => panic!("{a:?} vs {b:?}"),
+        }
+    }
+    // exporting onto an existing folder is refused
+    let line = fails(cwd, &["export", "--model", m, "--adapter", ad, "--threads", "1", "--merge", "--out", merged.to_str().unwrap()]);
+    assert!(line.contains("already exists"), "{line}");
+}
+
+#[test]
+fn same_seed_gives_the_same_losses() {
+    let s = setup("seed");
+    let cwd = &s.root;
+    let cfg = s.config.to_str().unwrap();
+    // no eval and no generation: only the training steps matter here
+    let quick = ["--set", "eval.heldout_loss=false", "--set", "eval.gsm8k_examples=0", "--set", "lora.dropout=0.1"];
+    let mut args = vec!["train", "--config", cfg];
+    args.extend(quick);
+    ok(cwd, &args);
+    ok(cwd, &args);
+    let runs = results(cwd);
+    assert_eq!(runs.len(), 2, "two run folders: {runs:?}");
+    assert!(runs.iter().all(|r| !r.starts_with('.')), "{runs:?}");
+    eprintln!("run folders: {runs:?}");
+    let a = metric_losses(&cwd.join("results").join(&runs[0]));
+    let b = metric_losses(&cwd.join("results").join(&runs[1]));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "same seed, same losses");
+    // another seed changes the adapter initialisation, the dropout and the data order
+    args.extend(["--set", "seed=8", "--set", "data.seed=8"]);
+    ok(cwd, &args);
+    let runs = results(cwd);
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    let newest = runs.iter().find(|r| {
+        let l = metric_losses(&cwd.join("results").join(r));
+        l != a
+    });
+    assert!(newest.is_some(), "a different seed gives different losses");
+}
+
+#[test]
+fn bad_input_stops_with_one_error_line_and_no_results() {
+    let s = setup("bad");
+    let cwd = &s.root;
+    let cfg = s.config.to_str().unwrap();
+    let train_fails = |extra: &[&str], config: &str| -> String {
+        let mut args = vec!["train", "--config", config];
+        args.extend_from_slice(extra);
+        let line = fails(cwd, &args);
+        assert!(results(cwd).is_empty(), "{args:?} left {:?} under results/", results(cwd));
+        line
+    };
+
+    // a key typo in the file
+    let typo = s.root.join("typo.toml");
+    let text = std::fs::read_to_string(&s.config).unwrap().replace("learning_rate", "lerning_rate");
+    std::fs::write(&typo, text).unwrap();
+    let line = train_fails(&[], typo.to_str().unwrap());
+    assert!(line.contains("lerning_rate"), "{line}");
+
+    // and through --set
+    let line = train_fails(&["--set", "train.lerning_rate=0.1"], cfg);
+    assert!(line.contains("lerning_rate"), "{line}");
+
+    // target modules that match nothing
+    let line = train_fails(&["--set", "lora.target_modules=[\"nope\"]"], cfg);
+    assert!(line.contains("lora.target_modules") && line.contains("nope"), "{line}");
+
+    // an empty dataset
+    let empty = s.root.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let set_train = format!("data.train_path=\"{}\"", empty.display());
+    let set_eval = format!("data.eval_path=\"{}\"", empty.display());
+    let line = train_fails(&["--set", &set_train, "--set", &set_eval], cfg);
+    assert!(line.contains("empty.jsonl") && line.contains("no examples"), "{line}");
+
+    // a sequence length beyond the model's context (128)
+    let line = train_fails(&["--set", "data.max_seq_len=4096"], cfg);
+    assert!(line.contains("data.max_seq_len") && line.contains("4096") && line.contains("128"), "{line}");
+
+    // invalid JSON on line 3
+    let bad = s.root.join("bad.jsonl");
+    let mut lines: Vec<String> = gsm8k_lines().lines().map(String::from).collect();
+    lines[2] = "{\"question\": \"tom has\", \"answer\": ".into();
+    std::fs::write(&bad, lines.join("\n")).unwrap();
+    let set_train = format!("data.train_path=\"{}\"", bad.display());
+    let line = train_fails(&["--set", &set_train], cfg);
+    assert!(line.contains("bad.jsonl:3"), "{line}");
+
+    // a model that is not there
+    let missing = s.root.join("no-model");
+    let set_model = format!("model.path=\"{}\"", missing.display());
+    let line = train_fails(&["--set", &set_model], cfg);
+    assert!(line.contains("no-model"), "{line}");
+
+    // a corrupt GGUF file
+    let corrupt = s.root.join("corrupt.gguf");
+    std::fs::write(&corrupt, b"GGUF but not really a gguf file at all").unwrap();
+    let set_model = format!("model.path=\"{}\"", corrupt.display());
+    let line = train_fails(&["--set", &set_model], cfg);
+    assert!(line.contains("corrupt.gguf"), "{line}");
+
+    // a loss that becomes NaN
+    let line = train_fails(&["--set", "train.learning_rate=1e30", "--set", "train.max_grad_norm=0", "--set", "eval.gsm8k_examples=0"], cfg);
+    assert!(line.contains("NaN") && line.contains("train.learning_rate"), "{line}");
+
+    // the other commands: a missing model, a missing adapter
+    let m = s.model.to_str().unwrap();
+    let line = fails(cwd, &["score", "--model", missing.to_str().unwrap(), "--text", "tom"]);
+    assert!(line.contains("no-model"), "{line}");
+    let no_adapter = s.root.join("no-adapter");
+    let line = fails(cwd, &["score", "--model", m, "--adapter", no_adapter.to_str().unwrap(), "--text", "tom"]);
+    assert!(line.contains("no-adapter"), "{line}");
+}
+
+#[test]
+fn convert_writes_an_hf_folder_that_scores_like_the_gguf() {
+    let root = tiny::temp_dir("cli-convert");
+    for (fam, arch) in [("gemma3", "gemma3"), ("llama", "llama")] {
+        let c = tiny::config(fam);
+        let gguf = root.join(format!("{fam}.gguf"));
+        tiny::write_gguf(&gguf, arch, &c, &tiny::weights(&c, 3));
+        let out = root.join(format!("{fam}-hf"));
+        ok(&root, &["convert", "--model", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+            assert!(out.join(f).is_file(), "{fam}: convert wrote no {f}");
+        }
+        let config = read_json(&out.join("config.json"));
+        assert_eq!(config["rms_norm_eps"].as_f64(), Some(c.rms_norm_eps), "{fam}");
+        // the embedded SentencePiece vocabulary encodes "ab ab" to <bos> ▁ab ▁ab, in both files
+        let a = score(&root, &gguf, None, "ab ab");
+        let b = score(&root, &out, None, "ab ab");
+        assert_eq!(a.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 10, 10], "{fam}");
+        assert_eq!(a, b, "{fam}: the converted folder scores differently from the GGUF");
+        let line = fails(&root, &["convert", "--model", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(line.contains("already exists"), "{line}");
+    }
+    let line = fails(&root, &["convert", "--model", root.join("llama-hf").to_str().unwrap(), "--out", "x"]);
+    assert!(line.contains("expected a .gguf file"), "{line}");
+    let leftovers: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().ends_with(".partial")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let _ = std::fs::remove_dir_all(&root);
+}
