@@ -54,7 +54,9 @@ pub fn load_config(spec: &str) -> Result<ModelConfig> {
     if path.extension().is_some_and(|e| e == "gguf") {
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let content = gguf_file::Content::read(&mut f).map_err(|e| Error::model(path, format!("not a readable gguf file: {}", candle_msg(&e))))?;
-        return gguf_config(&content, path);
+        let mut config = gguf_config(&content, path)?;
+        llama3_rope_from_gguf(&content, &mut f, path, &mut config)?;
+        return Ok(config);
     }
     let dir = if path.is_dir() { path.to_path_buf() } else { fetch_hub(spec)? };
     ModelConfig::from_hf_file(&dir.join("config.json"))
@@ -229,6 +231,20 @@ pub fn gguf_config(c: &gguf_file::Content, path: &Path) -> Result<ModelConfig> {
     if let Some(theta) = md_f64(c, &k("rope.freq_base")) {
         v["rope_theta"] = json!(theta);
     }
+    match c.metadata.get(&k("rope.scaling.type")).and_then(|t| t.to_string().ok()).map(String::as_str) {
+        None | Some("none") => {}
+        Some("linear") => {
+            let factor = md_f64(c, &k("rope.scaling.factor"))
+                .ok_or_else(|| Error::model(path, format!("missing metadata key `{}`", k("rope.scaling.factor"))))?;
+            v["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+        }
+        Some(other) => {
+            return Err(Error::model(
+                path,
+                format!("unsupported `{} = \"{other}\"` (expected none or linear)", k("rope.scaling.type")),
+            ))
+        }
+    }
     if let Ok(w) = md_u32(c, &k("attention.sliding_window"), path) {
         v["sliding_window"] = json!(w);
         if arch == "qwen2" {
@@ -246,6 +262,83 @@ pub fn gguf_config(c: &gguf_file::Content, path: &Path) -> Result<ModelConfig> {
         v["attention_bias"] = json!(c.tensor_infos.contains_key("blk.0.attn_q.bias"));
     }
     ModelConfig::from_hf_value(&v).map_err(|m| Error::model(path, m))
+}
+
+/// Llama 3.1+ GGUF files carry their RoPE scaling as a tensor, `rope_freqs.weight`: one divisor
+/// per frequency, computed by llama.cpp's converter from the HF `rope_scaling` (type llama3).
+/// This recovers that `rope_scaling`, assuming the parameters of every released Llama 3.x
+/// model (low_freq_factor 1, high_freq_factor 4, original context 8192) and solving for
+/// `factor`; divisors that do not fit those parameters are an error rather than a model with
+/// silently different positions.
+fn llama3_rope_from_gguf<R: std::io::Read + std::io::Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+    path: &Path,
+    config: &mut ModelConfig,
+) -> Result<()> {
+    const NAME: &str = "rope_freqs.weight";
+    if !content.tensor_infos.contains_key(NAME) {
+        return Ok(());
+    }
+    let err = |msg: String| Error::model(path, format!("tensor `{NAME}`: {msg}"));
+    let divisors: Vec<f32> = content
+        .tensor(reader, NAME, &Device::Cpu)
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .and_then(|t| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1())
+        .map_err(|e| err(candle_msg(&e)))?;
+    let d = config.head_dim;
+    if divisors.len() != d / 2 {
+        return Err(err(format!("{} values, expected head_dim / 2 = {}", divisors.len(), d / 2)));
+    }
+    let (low, high, old) = (1.0f64, 4.0f64, 8192.0f64);
+    let (low_wl, high_wl) = (old / low, old / high);
+    let wavelength = |i: usize| 2.0 * std::f64::consts::PI * config.rope_theta.powf(2.0 * i as f64 / d as f64);
+    let smooth = |wl: f64| (old / wl - low) / (high - low);
+    // the factor: read off a long wavelength, else solved from the interpolated band
+    let mut factor = None;
+    for (i, &x) in divisors.iter().enumerate() {
+        let wl = wavelength(i);
+        if wl > low_wl {
+            factor = Some(x.to_string().parse::<f64>().unwrap_or(x as f64));
+            break;
+        }
+        if wl >= high_wl && factor.is_none() {
+            let s = smooth(wl);
+            factor = Some((1.0 - s) / (1.0 / x as f64 - s));
+        }
+    }
+    let Some(factor) = factor else {
+        // every wavelength is short: the scaling changes nothing
+        if let Some((i, x)) = divisors.iter().enumerate().find(|(_, &x)| (x - 1.0).abs() > 1e-6) {
+            return Err(err(format!("divisor {x} at index {i}, expected 1 for a wavelength below {high_wl}")));
+        }
+        return Ok(());
+    };
+    for (i, &x) in divisors.iter().enumerate() {
+        let wl = wavelength(i);
+        let expected = if wl < high_wl {
+            1.0
+        } else if wl > low_wl {
+            factor
+        } else {
+            let s = smooth(wl);
+            1.0 / ((1.0 - s) / factor + s)
+        };
+        if ((x as f64) - expected).abs() > 1e-4 * expected.abs().max(1.0) {
+            return Err(err(format!(
+                "divisor {x} at index {i} does not fit Llama 3 RoPE scaling (factor {factor}, low_freq_factor 1, \
+                 high_freq_factor 4, original_max_position_embeddings 8192), which expects {expected}"
+            )));
+        }
+    }
+    config.rope_scaling = Some(crate::config::RopeScaling {
+        rope_type: "llama3".into(),
+        factor,
+        low_freq_factor: Some(low),
+        high_freq_factor: Some(high),
+        original_max_position_embeddings: Some(old as usize),
+    });
+    Ok(())
 }
 
 /// The HF name of a GGUF tensor, or None for tensors the decoder does not use.
@@ -296,7 +389,8 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = gguf_file::Content::read(&mut f)
         .map_err(|e| Error::model(path, format!("not a readable gguf file: {}", candle_msg(&e))))?;
-    let config = gguf_config(&content, path)?;
+    let mut config = gguf_config(&content, path)?;
+    llama3_rope_from_gguf(&content, &mut f, path, &mut config)?;
     let gemma = config.is_gemma();
     let permuted = matches!(config.family, crate::Family::Llama | crate::Family::Mistral);
     let mut weights: HashMap<String, Tensor> = HashMap::new();

@@ -215,6 +215,48 @@ fn gguf_reproduces_the_hf_model() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// A tiny Llama 3 with RoPE scaling: head_dim 16 and base 500000 put its wavelengths on both
+/// sides of the Llama 3 band (2048..8192) and one inside it.
+fn scaled_llama(rope_scaling: serde_json::Value) -> ModelConfig {
+    let mut v = tiny::config_json("llama");
+    v["head_dim"] = json!(16);
+    v["rope_theta"] = json!(500000.0);
+    v["rope_scaling"] = rope_scaling;
+    ModelConfig::from_hf_value(&v).unwrap()
+}
+
+#[test]
+fn gguf_rope_scaling_matches_the_hf_config() {
+    let root = tiny::temp_dir("gguf-rope");
+    let cases = [
+        ("llama3-8", json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+        ("llama3-32", json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+        ("linear-2", json!({"rope_type": "linear", "factor": 2.0})),
+    ];
+    let plain = scaled_llama(serde_json::Value::Null);
+    for (name, scaling) in cases {
+        let c = scaled_llama(scaling);
+        assert!(c.rope_scaling.is_some());
+        let w = tiny::weights(&c, 31);
+        let gguf = root.join(format!("{name}.gguf"));
+        let hf_weights = tiny::write_gguf(&gguf, "llama", &c, &w);
+        let expected = logits(&c, hf_weights.clone());
+        let m = loader::load_gguf(&gguf, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(m.config, c, "{name}: config from GGUF");
+        assert_eq!(loader::load_config(gguf.to_str().unwrap()).unwrap(), c, "{name}: load_config");
+        assert_same_logits(name, &expected, &loaded_logits(m));
+        // the scaling is not a no-op on these positions
+        assert!(max_diff(&expected, &logits(&plain, hf_weights)) > 0.0, "{name}");
+    }
+    // divisors that are not Llama 3's band are refused, not silently ignored
+    let odd = scaled_llama(json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}));
+    let gguf = root.join("odd.gguf");
+    tiny::write_gguf(&gguf, "llama", &odd, &tiny::weights(&odd, 1));
+    let err = load_err(gguf.to_str().unwrap());
+    assert!(err.contains("odd.gguf") && err.contains("rope_freqs.weight"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 // ---------------------------------------------------------------------------------------
 // bad input
 

@@ -262,6 +262,35 @@ pub fn write_gguf(path: &Path, arch: &str, c: &ModelConfig, w: &Weights) -> Weig
     if gemma {
         md.push((k("attention.sliding_window"), Value::U32(c.sliding_window.unwrap() as u32)));
     }
+    match &c.rope_scaling {
+        Some(s) if s.rope_type == "linear" => {
+            md.push((k("rope.scaling.type"), Value::String("linear".into())));
+            md.push((k("rope.scaling.factor"), Value::F32(s.factor as f32)));
+        }
+        Some(s) => {
+            // llama.cpp's converter writes Llama 3 scaling as one divisor per frequency
+            let (low, high) = (s.low_freq_factor.unwrap(), s.high_freq_factor.unwrap());
+            let old = s.original_max_position_embeddings.unwrap() as f64;
+            let d = c.head_dim;
+            let divisors: Vec<f32> = (0..d / 2)
+                .map(|i| {
+                    let freq = 1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64);
+                    let wl = 2.0 * std::f64::consts::PI / freq;
+                    if wl < old / high {
+                        1.0
+                    } else if wl > old / low {
+                        s.factor as f32
+                    } else {
+                        let smooth = (old / wl - low) / (high - low);
+                        (1.0 / ((1.0 - smooth) / s.factor + smooth)) as f32
+                    }
+                })
+                .collect();
+            let t = Tensor::from_vec(divisors, d / 2, &Device::Cpu).unwrap();
+            tensors.push(("rope_freqs.weight".into(), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        }
+        None => {}
+    }
     md.extend(tokenizer_metadata());
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
