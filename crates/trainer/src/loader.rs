@@ -140,8 +140,7 @@ pub fn load_hf_dir(dir: &Path, source: &str, device: &Device) -> Result<LoadedMo
         let ts = candle_core::safetensors::load(f, &Device::Cpu)
             .map_err(|e| Error::model(f, format!("cannot read safetensors: {}", candle_msg(&e))))?;
         for (k, t) in ts {
-            // Gemma 3 multimodal checkpoints nest the text model
-            let k = k.strip_prefix("language_model.").map(String::from).unwrap_or(k);
+            let Some(k) = text_model_name(k) else { continue };
             weights.insert(k, t.to_dtype(DType::F32)?.to_device(device)?);
         }
     }
@@ -151,6 +150,21 @@ pub fn load_hf_dir(dir: &Path, source: &str, device: &Device) -> Result<LoadedMo
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)?;
     Ok(LoadedModel { config, weights, tokenizer, source: source.to_string(), path: dir.to_path_buf() })
+}
+
+/// The HF name of a checkpoint tensor as the text decoder names it, or None for the vision
+/// tower of a multimodal checkpoint. Gemma 3 multimodal checkpoints nest the text model:
+/// `language_model.model.layers.0...` (transformers before 4.52) or
+/// `model.language_model.layers.0...` (4.52 and later).
+fn text_model_name(k: String) -> Option<String> {
+    const VISION: [&str; 4] = ["vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."];
+    if VISION.iter().any(|p| k.starts_with(p)) {
+        return None;
+    }
+    if let Some(rest) = k.strip_prefix("model.language_model.") {
+        return Some(format!("model.{rest}"));
+    }
+    Some(k.strip_prefix("language_model.").map(String::from).unwrap_or(k))
 }
 
 fn md_u32(c: &gguf_file::Content, key: &str, path: &Path) -> Result<usize> {

@@ -84,6 +84,40 @@ fn hf_folder_round_trips_for_each_family() {
 }
 
 #[test]
+fn gemma3_multimodal_checkpoint_loads_its_text_model() {
+    let root = tiny::temp_dir("multimodal");
+    let text = root.join("text");
+    let (c, w) = tiny::write_hf_folder(&text, "gemma3", 14);
+    let expected = logits(&c, w.clone());
+    // both layouts transformers has written for Gemma3ForConditionalGeneration
+    let layouts: [(&str, fn(&str) -> String); 2] = [
+        ("old", |k| format!("language_model.{k}")),
+        ("new", |k| k.replacen("model.", "model.language_model.", 1)),
+    ];
+    for (name, rename) in layouts {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(text.join(f), dir.join(f)).unwrap();
+        }
+        let config = json!({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+            "text_config": c.to_hf_json(), "vision_config": {"model_type": "siglip_vision_model"}});
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let mut ts: HashMap<String, Tensor> = w.iter().map(|(k, t)| (rename(k), t.clone())).collect();
+        let vision = Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let prefix = if name == "old" { "" } else { "model." };
+        ts.insert(format!("{prefix}vision_tower.vision_model.embeddings.patch_embedding.weight"), vision.clone());
+        ts.insert(format!("{prefix}multi_modal_projector.mm_input_projection_weight"), vision);
+        candle_core::safetensors::save(&ts, dir.join("model.safetensors")).unwrap();
+        let m = load(&dir);
+        assert_eq!(m.config, c, "{name}");
+        assert_eq!(m.weights.len(), w.len(), "{name}: the vision tower is not loaded");
+        assert_same_logits(name, &expected, &loaded_logits(m));
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
 fn sharded_checkpoint_loads_like_one_file() {
     let root = tiny::temp_dir("sharded");
     let single = root.join("single");
