@@ -42,6 +42,15 @@ fn load_model(args: &ModelArgs) -> CliResult<(Decoder, Tokenizer)> {
     Ok((model, tokenizer))
 }
 
+/// A text of `n` tokens must fit the model's context.
+fn check_context(flag: &str, n: usize, model: &Decoder) -> CliResult<()> {
+    let context = model.config.max_position_embeddings;
+    if n > context {
+        return Err(format!("{flag}: {n} tokens exceed the model's context of {context} tokens"));
+    }
+    Ok(())
+}
+
 #[derive(clap::Args)]
 pub struct EvalArgs {
     #[command(flatten)]
@@ -133,6 +142,7 @@ pub fn score(a: &ScoreArgs) -> CliResult<()> {
     if ids.is_empty() {
         return Err("--text: encodes to no tokens".into());
     }
+    check_context("--text", ids.len(), &model)?;
     let lps = score_tokens(&model, &ids).ctx()?;
     let rows: Vec<_> = ids
         .iter()
@@ -169,6 +179,7 @@ pub struct GenerateArgs {
 pub fn generate(a: &GenerateArgs) -> CliResult<()> {
     let (model, tok) = load_model(&a.model)?;
     let ids = tok.encode(&a.prompt, tok.add_bos_default()).ctx()?;
+    check_context("--prompt", ids.len(), &model)?;
     let g = generate_greedy(&model, &ids, a.max_new_tokens, &tok.stop_ids()).ctx()?;
     println!("{}{}", a.prompt, tok.decode(&g.new_ids, true).ctx()?);
     let n = g.new_ids.len();

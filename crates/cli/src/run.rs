@@ -157,9 +157,9 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
         eprintln!("held-out loss before: {l:.4}");
         record.heldout_loss_before = Some(l);
     }
-    let before = run_gsm8k(cfg, &model, &tokenizer, &mut phase, "before")?;
-    record.gsm8k_exact_match_before = before.as_ref().map(|r| r.exact_match);
     record.phases.push(phase.finish());
+    let before = run_gsm8k(cfg, &model, &tokenizer, "before", &mut record)?;
+    record.gsm8k_exact_match_before = before.as_ref().map(|r| r.exact_match);
 
     // train
     let vars: Vec<_> = model.trainable().into_iter().map(|(_, v)| v).collect();
@@ -204,15 +204,15 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     record.phases.push(train_phase);
 
     // eval after
-    let mut phase = PhaseMeter::start("eval");
+    let phase = PhaseMeter::start("eval");
     if cfg.eval.heldout_loss {
         let l = train::heldout_loss(&model, &eval_batches).ctx()?;
         eprintln!("held-out loss after: {l:.4}");
         record.heldout_loss_after = Some(l);
     }
-    let after = run_gsm8k(cfg, &model, &tokenizer, &mut phase, "after")?;
-    record.gsm8k_exact_match_after = after.as_ref().map(|r| r.exact_match);
     record.phases.push(phase.finish());
+    let after = run_gsm8k(cfg, &model, &tokenizer, "after", &mut record)?;
+    record.gsm8k_exact_match_after = after.as_ref().map(|r| r.exact_match);
 
     // write: adapter, resolved config, run record
     if let TrainMode::Lora(lc) = model.mode() {
@@ -280,12 +280,14 @@ fn run_gsm8k(
     cfg: &RunConfig,
     model: &Decoder,
     tok: &ftbench_trainer::tokenizer::Tokenizer,
-    phase: &mut PhaseMeter,
     label: &str,
+    record: &mut RunRecord,
 ) -> CliResult<Option<Gsm8kReport>> {
     if cfg.eval.gsm8k_examples == 0 {
         return Ok(None);
     }
+    // a phase of its own, so generation throughput can calibrate serving costs
+    let mut phase = PhaseMeter::start("generate");
     let items = data::load_gsm8k(&cfg.eval.gsm8k_path, Some(cfg.eval.gsm8k_examples)).ctx()?;
     let progress = Progress::new(items.len() as u64, &format!("gsm8k {label}"));
     let report = gsm8k_exact_match(model, tok, &cfg.data, &items, cfg.eval.max_new_tokens, |i, correct| {
@@ -294,6 +296,7 @@ fn run_gsm8k(
     .ctx()?;
     progress.finish();
     phase.add_tokens(report.generated_tokens as u64);
+    record.phases.push(phase.finish());
     eprintln!(
         "gsm8k exact match {label}: {}/{} = {:.1}%",
         report.correct,

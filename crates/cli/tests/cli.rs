@@ -364,8 +364,13 @@ fn bad_input_stops_with_one_error_line_and_no_results() {
     let line = train_fails(&["--set", "train.learning_rate=1e30", "--set", "train.max_grad_norm=0", "--set", "eval.gsm8k_examples=0"], cfg);
     assert!(line.contains("NaN") && line.contains("train.learning_rate"), "{line}");
 
-    // the other commands: a missing model, a missing adapter
+    // the other commands: a missing model, a missing adapter, a text beyond the context
     let m = s.model.to_str().unwrap();
+    let long = vec!["tom has 3 apples"; 40].join(" ");
+    let line = fails(cwd, &["score", "--model", m, "--text", &long]);
+    assert!(line.contains("--text") && line.contains("161 tokens") && line.contains("context of 128"), "{line}");
+    let line = fails(cwd, &["generate", "--model", m, "--prompt", &long]);
+    assert!(line.contains("--prompt") && line.contains("context of 128"), "{line}");
     let line = fails(cwd, &["score", "--model", missing.to_str().unwrap(), "--text", "tom"]);
     assert!(line.contains("no-model"), "{line}");
     let no_adapter = s.root.join("no-adapter");
