@@ -67,7 +67,7 @@ const HUB_FILES: &[&str] = &["config.json", "tokenizer.json", "tokenizer_config.
 /// Resolves a hub id to a local snapshot folder through hf-hub's cache, downloading what is
 /// missing unless `HF_HUB_OFFLINE` is set.
 pub fn fetch_hub(id: &str) -> Result<PathBuf> {
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    let offline = hub_offline(std::env::var("HF_HUB_OFFLINE").ok().as_deref());
     let cache = hf_hub::Cache::from_env();
     let repo = hf_hub::Repo::model(id.to_string());
     let hub_err = |msg: String| Error::model(id, msg);
@@ -106,6 +106,12 @@ pub fn fetch_hub(id: &str) -> Result<PathBuf> {
         }
     }
     Ok(config.parent().expect("snapshot folder").to_path_buf())
+}
+
+/// Whether `HF_HUB_OFFLINE` asks for offline mode; the values huggingface_hub treats as true
+/// (1, ON, YES, TRUE in any case), so that `HF_HUB_OFFLINE=false` does not mean offline.
+fn hub_offline(value: Option<&str>) -> bool {
+    value.is_some_and(|v| matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"))
 }
 
 fn shard_files(index: &Path) -> Result<Vec<String>> {
@@ -467,6 +473,17 @@ mod tests {
         assert_eq!(hf_name("blk.0.attn_q.bias", false).unwrap(), "model.layers.0.self_attn.q_proj.bias");
         assert_eq!(hf_name("token_embd.weight", true).unwrap(), "model.embed_tokens.weight");
         assert!(hf_name("rope_freqs.weight", false).is_none());
+    }
+
+    #[test]
+    fn hub_offline_values() {
+        for v in ["1", "true", "TRUE", "yes", "On"] {
+            assert!(hub_offline(Some(v)), "{v}");
+        }
+        for v in ["0", "false", "no", "off", ""] {
+            assert!(!hub_offline(Some(v)), "{v}");
+        }
+        assert!(!hub_offline(None));
     }
 
     #[test]
