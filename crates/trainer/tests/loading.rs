@@ -117,17 +117,13 @@ fn gemma3_multimodal_checkpoint_loads_its_text_model() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-#[test]
-fn sharded_checkpoint_loads_like_one_file() {
-    let root = tiny::temp_dir("sharded");
-    let single = root.join("single");
-    let (c, w) = tiny::write_hf_folder(&single, "llama", 12);
-    let expected = logits(&c, w.clone());
-
-    let sharded = root.join("sharded");
-    std::fs::create_dir_all(&sharded).unwrap();
+/// Copies the config and tokenizer files of the HF folder `src` into `dst` and writes `w`
+/// there as two safetensors shards with an HF `model.safetensors.index.json`. Returns the
+/// shard file names.
+fn write_sharded(src: &Path, dst: &Path, w: &Weights) -> [&'static str; 2] {
+    std::fs::create_dir_all(dst).unwrap();
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(single.join(f), sharded.join(f)).unwrap();
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
     let files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
     let mut parts: [HashMap<String, Tensor>; 2] = Default::default();
@@ -143,11 +139,22 @@ fn sharded_checkpoint_loads_like_one_file() {
     }
     for (part, file) in parts.iter().zip(files) {
         assert!(!part.is_empty());
-        candle_core::safetensors::save(part, sharded.join(file)).unwrap();
+        candle_core::safetensors::save(part, dst.join(file)).unwrap();
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(dst.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    files
+}
 
+#[test]
+fn sharded_checkpoint_loads_like_one_file() {
+    let root = tiny::temp_dir("sharded");
+    let single = root.join("single");
+    let (c, w) = tiny::write_hf_folder(&single, "llama", 12);
+    let expected = logits(&c, w.clone());
+
+    let sharded = root.join("sharded");
+    let files = write_sharded(&single, &sharded, &w);
     let m = load(&sharded);
     assert_eq!(m.weights.len(), w.len());
     assert_same_logits("sharded", &expected, &loaded_logits(m));
@@ -179,6 +186,13 @@ fn hub_id_loads_from_an_offline_cache() {
         std::fs::copy(src.join(f), snapshot.join(f)).unwrap();
     }
 
+    // a second repo with a sharded checkpoint
+    let sharded_repo = hf_home.join("hub").join("models--tiny-org--tiny-qwen-sharded");
+    std::fs::create_dir_all(sharded_repo.join("refs")).unwrap();
+    std::fs::write(sharded_repo.join("refs").join("main"), revision).unwrap();
+    let sharded_w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    write_sharded(&src, &sharded_repo.join("snapshots").join(revision), &sharded_w);
+
     let saved: Vec<_> = ["HF_HOME", "HF_HUB_OFFLINE"].iter().map(|k| (*k, std::env::var_os(k))).collect();
     std::env::set_var("HF_HOME", &hf_home);
     std::env::set_var("HF_HUB_OFFLINE", "1");
@@ -189,6 +203,8 @@ fn hub_id_loads_from_an_offline_cache() {
         assert_eq!(m.config, c);
         assert_same_logits("hub", &expected, &loaded_logits(m));
         assert_eq!(loader::load_config("tiny-org/tiny-qwen").unwrap(), c);
+        let m = loader::load("tiny-org/tiny-qwen-sharded", &Device::Cpu).unwrap();
+        assert_same_logits("hub sharded", &expected, &loaded_logits(m));
 
         let err = load_err("tiny-org/missing-model");
         assert!(err.contains("tiny-org/missing-model"), "names the id: {err}");
