@@ -36,7 +36,42 @@ pub mod anyhow_free {
     }
     impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
         fn ctx(self) -> super::CliResult<T> {
-            self.map_err(|e| e.to_string())
+            self.map_err(|e| one_line(&e.to_string()))
+        }
+    }
+
+    /// Joins a multi-line message into one line: drops the backtrace candle appends when
+    /// `RUST_BACKTRACE` is set (from its first numbered frame on) and caret-only marker
+    /// lines such as those under a regex parse error.
+    pub fn one_line(msg: &str) -> String {
+        if !msg.contains('\n') {
+            return msg.to_string();
+        }
+        let is_frame = |t: &str| t.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let mut parts = Vec::new();
+        for line in msg.lines() {
+            let t = line.trim();
+            if is_frame(t) || t == "stack backtrace:" {
+                break;
+            }
+            if !t.is_empty() && !t.chars().all(|c| c == '^' || c == '~') {
+                parts.push(t);
+            }
+        }
+        parts.join(" ")
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::one_line;
+
+        #[test]
+        fn messages_become_one_line() {
+            assert_eq!(one_line("a: b"), "a: b");
+            let regex = "config key `lora.target_modules`: invalid regex: regex parse error:\n    ^(?:()$\n     ^\nerror: unclosed group";
+            assert_eq!(one_line(regex), "config key `lora.target_modules`: invalid regex: regex parse error: ^(?:()$ error: unclosed group");
+            let bt = "x.gguf: unknown magic 0x1\n   0: candle_core::error::Error::bt\n             at /src/error.rs:260:25\n   1: main";
+            assert_eq!(one_line(bt), "x.gguf: unknown magic 0x1");
         }
     }
 }
@@ -215,8 +250,10 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     record.gsm8k_exact_match_after = after.as_ref().map(|r| r.exact_match);
 
     // write: adapter, resolved config, run record
-    if let TrainMode::Lora(lc) = model.mode() {
-        ftbench_trainer::lora::save_peft(&dir.join("adapter"), lc, &model.adapters(), &source).ctx()?;
+    match model.mode() {
+        TrainMode::Lora(lc) => ftbench_trainer::lora::save_peft(&dir.join("adapter"), lc, &model.adapters(), &source).ctx()?,
+        // full fine-tuning: the trained weights, as an HF folder
+        _ => loader::save_hf_dir(&dir.join("model"), &config, &model.hf_weights(false).ctx()?, &tokenizer).ctx()?,
     }
     ftbench_meter::write_atomic(&dir.join("config.toml"), cfg.to_toml().as_bytes()).ctx()?;
     let trainable = match cfg.train.mode {

@@ -91,8 +91,10 @@ max_new_tokens = 6
     Setup { root, model, data, config }
 }
 
+/// Runs the binary with `RUST_BACKTRACE=1`, under which candle attaches backtraces to its
+/// errors: error messages must stay one line all the same.
 fn ftbench(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).args(args).current_dir(cwd).output().expect("run ftbench")
+    Command::new(BIN).args(args).current_dir(cwd).env("RUST_BACKTRACE", "1").output().expect("run ftbench")
 }
 
 fn text(b: &[u8]) -> String {
@@ -268,6 +270,27 @@ fn train_then_eval_score_generate_export() {
 }
 
 #[test]
+fn full_fine_tuning_writes_the_model() {
+    let s = setup("full");
+    let cwd = &s.root;
+    let cfg = s.config.to_str().unwrap();
+    ok(cwd, &["train", "--config", cfg, "--set", "train.mode=\"full\"", "--set", "train.learning_rate=0.001", "--set", "eval.gsm8k_examples=0"]);
+    let runs = results(cwd);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let run = cwd.join("results").join(&runs[0]);
+    assert!(!run.join("adapter").exists());
+    let record = read_json(&run.join("run.json"));
+    let after = record["heldout_loss_after"].as_f64().unwrap();
+    assert!(after < record["heldout_loss_before"].as_f64().unwrap());
+    // the trained model is written and evaluates to the run's held-out loss
+    let model = run.join("model");
+    let (m, d) = (model.to_str().unwrap(), s.data.to_str().unwrap());
+    let out: Value = serde_json::from_str(ok(cwd, &["eval", "--model", m, "--threads", "1", "--data", d, "--max-seq-len", "64", "--json"]).trim()).unwrap();
+    let l = out["heldout_loss"].as_f64().unwrap();
+    assert!((l - after).abs() < 1e-4, "trained model {l} vs run after {after}");
+}
+
+#[test]
 fn same_seed_gives_the_same_losses() {
     let s = setup("seed");
     let cwd = &s.root;
@@ -325,6 +348,10 @@ fn bad_input_stops_with_one_error_line_and_no_results() {
     // target modules that match nothing
     let line = train_fails(&["--set", "lora.target_modules=[\"nope\"]"], cfg);
     assert!(line.contains("lora.target_modules") && line.contains("nope"), "{line}");
+
+    // an invalid regex
+    let line = train_fails(&["--set", "lora.target_modules=\"(\""], cfg);
+    assert!(line.contains("lora.target_modules") && line.contains("invalid regex"), "{line}");
 
     // an empty dataset
     let empty = s.root.join("empty.jsonl");
