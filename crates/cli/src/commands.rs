@@ -128,7 +128,7 @@ pub struct ScoreArgs {
     /// The text to score
     #[arg(long)]
     pub text: String,
-    /// Do not prepend the BOS token
+    /// Do not prepend the BOS token (it is prepended when the vocabulary has one)
     #[arg(long)]
     pub no_bos: bool,
     /// Print JSON
@@ -138,7 +138,8 @@ pub struct ScoreArgs {
 
 pub fn score(a: &ScoreArgs) -> CliResult<()> {
     let (model, tok) = load_model(&a.model)?;
-    let ids = tok.encode(&a.text, !a.no_bos).ctx()?;
+    // the BOS as training examples carry it: when the vocabulary has one (Qwen2's has none)
+    let ids = tok.encode(&a.text, !a.no_bos && tok.bos_id().is_some()).ctx()?;
     if ids.is_empty() {
         return Err("--text: encodes to no tokens".into());
     }

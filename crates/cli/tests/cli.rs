@@ -270,6 +270,34 @@ fn train_then_eval_score_generate_export() {
 }
 
 #[test]
+fn a_vocabulary_without_bos_scores_and_generates() {
+    // Qwen2's tokenizer has no BOS token: no bos_token, no post-processor adding one
+    let root = tiny::temp_dir("cli-nobos");
+    let model = root.join("qwen");
+    tiny::write_hf_folder(&model, "qwen2", 9);
+    let mut tj = read_json(&model.join("tokenizer.json"));
+    tj["post_processor"] = Value::Null;
+    std::fs::write(model.join("tokenizer.json"), tj.to_string()).unwrap();
+    let tc = serde_json::json!({"eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": false});
+    std::fs::write(model.join("tokenizer_config.json"), tc.to_string()).unwrap();
+
+    let scored = score(&root, &model, None, "tom has 3 apples");
+    assert_eq!(scored.len(), 4);
+    assert_eq!(scored[0], (16, None), "no BOS: the first word comes first, without a log-probability");
+    let m = model.to_str().unwrap();
+    let out = ok(&root, &["generate", "--model", m, "--threads", "1", "--prompt", "tom has", "--max-new-tokens", "3"]);
+    assert!(out.starts_with("tom has"), "{out:?}");
+    let data = root.join("gsm8k.jsonl");
+    std::fs::write(&data, gsm8k_lines()).unwrap();
+    let out: Value = serde_json::from_str(
+        ok(&root, &["eval", "--model", m, "--threads", "1", "--data", data.to_str().unwrap(), "--max-seq-len", "64", "--json"]).trim(),
+    )
+    .unwrap();
+    assert!(out["heldout_loss"].as_f64().unwrap().is_finite());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
 fn full_fine_tuning_writes_the_model() {
     let s = setup("full");
     let cwd = &s.root;
