@@ -45,7 +45,30 @@ enum Command {
 /// the default, 5.5 s at 100-200. The user's own setting wins.
 const CANDLE_SPIN_LIMIT: &str = "100";
 
+/// glibc serves allocations above its mmap threshold with fresh, zero-filled pages and
+/// returns them on free, so every step page-faults its activations in again. Raising the
+/// threshold to its maximum (32 MiB) keeps such buffers in the heap for reuse.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_buffers() {
+    extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_buffers() {}
+
 fn main() -> ExitCode {
+    if std::env::var_os("FTBENCH_DEFAULT_MALLOC").is_none() {
+        keep_freed_buffers();
+    }
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         // set before any candle op starts the pool; no other thread exists yet
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
