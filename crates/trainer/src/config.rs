@@ -268,7 +268,9 @@ impl ModelConfig {
             v["hidden_activation"] = json!(act);
             v["rope_local_base_freq"] = json!(self.rope_local_base_freq);
             v["sliding_window"] = json!(self.sliding_window);
-            v["query_pre_attn_scalar"] = json!(self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64));
+            // HF declares this an int; write whole numbers as such
+            let q = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64);
+            v["query_pre_attn_scalar"] = if q.fract() == 0.0 { json!(q as i64) } else { json!(q) };
             v["final_logit_softcapping"] = json!(self.final_logit_softcapping);
             v["attn_logit_softcapping"] = json!(self.attn_logit_softcapping);
             let types: Vec<&str> = self
@@ -421,6 +423,12 @@ mod tests {
             let back = ModelConfig::from_hf_value(&c.to_hf_json()).unwrap();
             assert_eq!(c, back, "{name}");
         }
+    }
+
+    #[test]
+    fn integer_fields_are_written_as_integers() {
+        let v = ModelConfig::preset("gemma3-270m").unwrap().to_hf_json();
+        assert!(v["query_pre_attn_scalar"].is_i64(), "{}", v["query_pre_attn_scalar"]);
     }
 
     #[test]
