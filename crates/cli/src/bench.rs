@@ -55,7 +55,11 @@ pub fn run(cmd: &BenchCommand) -> CliResult<()> {
 fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
     let threads = set_threads(a.threads);
     let mut config = ModelConfig::preset(&a.preset).ok_or_else(|| {
-        format!("--preset {}: unknown (expected one of {})", a.preset, ModelConfig::PRESETS.join(", "))
+        format!(
+            "--preset {}: unknown (expected one of {})",
+            a.preset,
+            ModelConfig::PRESETS.join(", ")
+        )
     })?;
     if let Some(l) = a.layers {
         config.num_hidden_layers = l;
@@ -69,7 +73,18 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
         alpha: a.alpha,
         dropout: 0.0,
         target_modules: TargetModules::List(
-            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].iter().map(|s| s.to_string()).collect(),
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         ),
         use_rslora: false,
     };
@@ -78,10 +93,18 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
             TrainMode::Lora(lora.clone()),
             ftbench_meter::Trainable::Lora(ftbench_meter::LoraShape {
                 rank: a.rank,
-                target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
+                target_modules: [
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             }),
         ),
         "full" => (TrainMode::Full, ftbench_meter::Trainable::Full),
@@ -92,14 +115,25 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
     let model = Decoder::new(config.clone(), weights, mode, 0, &device).ctx()?;
     let vars: Vec<_> = model.trainable().into_iter().map(|(_, v)| v).collect();
     let n_trainable: usize = vars.iter().map(|v| v.as_tensor().elem_count()).sum();
-    let tcfg = TrainConfig { steps: a.steps + 1, warmup_steps: 0, ..Default::default() };
+    let tcfg = TrainConfig {
+        steps: a.steps + 1,
+        warmup_steps: 0,
+        ..Default::default()
+    };
     let mut optim = Optim::new(vars, &tcfg).ctx()?;
     let mut rng = ftbench_trainer::lora::rng(0);
     let n = a.batch * a.seq;
     let vocab = config.vocab_size as u64;
     // a fixed pseudo-random batch: every position carries loss
-    let ids: Vec<u32> = (0..n as u64).map(|i| ((i * 2_654_435_761 + 12_345) % vocab) as u32).collect();
-    let targets: Vec<u32> = ids.iter().skip(1).copied().chain(std::iter::once(ids[0])).collect();
+    let ids: Vec<u32> = (0..n as u64)
+        .map(|i| ((i * 2_654_435_761 + 12_345) % vocab) as u32)
+        .collect();
+    let targets: Vec<u32> = ids
+        .iter()
+        .skip(1)
+        .copied()
+        .chain(std::iter::once(ids[0]))
+        .collect();
     let batch = Batch {
         batch_size: a.batch,
         seq_len: a.seq,
@@ -112,12 +146,23 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
     let mut times = Vec::new();
     for step in 0..=a.steps {
         let t = Instant::now();
-        train::train_step(&model, &mut optim, std::slice::from_ref(&batch), &tcfg, step + 1, &mut rng).ctx()?;
+        train::train_step(
+            &model,
+            &mut optim,
+            std::slice::from_ref(&batch),
+            &tcfg,
+            step + 1,
+            &mut rng,
+        )
+        .ctx()?;
         let s = t.elapsed().as_secs_f64();
         if step > 0 {
             times.push(s);
         }
-        eprintln!("step {step}{}: {s:.3} s", if step == 0 { " (warm-up)" } else { "" });
+        eprintln!(
+            "step {step}{}: {s:.3} s",
+            if step == 0 { " (warm-up)" } else { "" }
+        );
     }
     times.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let median = times[times.len() / 2];

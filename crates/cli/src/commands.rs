@@ -33,7 +33,12 @@ pub struct ModelArgs {
 fn load_model(args: &ModelArgs) -> CliResult<(Decoder, Tokenizer)> {
     set_threads(args.threads);
     let device = Device::Cpu;
-    let LoadedModel { config, weights, tokenizer, .. } = loader::load(&args.model, &device).ctx()?;
+    let LoadedModel {
+        config,
+        weights,
+        tokenizer,
+        ..
+    } = loader::load(&args.model, &device).ctx()?;
     let mut model = Decoder::new(config, weights, TrainMode::Frozen, 0, &device).ctx()?;
     if let Some(dir) = &args.adapter {
         let adapter = load_peft(dir, &device).ctx()?;
@@ -46,7 +51,9 @@ fn load_model(args: &ModelArgs) -> CliResult<(Decoder, Tokenizer)> {
 fn check_context(flag: &str, n: usize, model: &Decoder) -> CliResult<()> {
     let context = model.config.max_position_embeddings;
     if n > context {
-        return Err(format!("{flag}: {n} tokens exceed the model's context of {context} tokens"));
+        return Err(format!(
+            "{flag}: {n} tokens exceed the model's context of {context} tokens"
+        ));
     }
     Ok(())
 }
@@ -113,9 +120,18 @@ pub fn eval(a: &EvalArgs) -> CliResult<()> {
         });
         println!("{out}");
     } else {
-        println!("held-out loss on {} examples of {}: {loss:.4}", examples.len(), a.data.display());
+        println!(
+            "held-out loss on {} examples of {}: {loss:.4}",
+            examples.len(),
+            a.data.display()
+        );
         if let Some(g) = gsm {
-            println!("gsm8k exact match: {}/{} = {:.1}%", g.correct, g.total, 100.0 * g.exact_match);
+            println!(
+                "gsm8k exact match: {}/{} = {:.1}%",
+                g.correct,
+                g.total,
+                100.0 * g.exact_match
+            );
         }
     }
     Ok(())
@@ -139,7 +155,9 @@ pub struct ScoreArgs {
 pub fn score(a: &ScoreArgs) -> CliResult<()> {
     let (model, tok) = load_model(&a.model)?;
     // the BOS as training examples carry it: when the vocabulary has one (Qwen2's has none)
-    let ids = tok.encode(&a.text, !a.no_bos && tok.bos_id().is_some()).ctx()?;
+    let ids = tok
+        .encode(&a.text, !a.no_bos && tok.bos_id().is_some())
+        .ctx()?;
     if ids.is_empty() {
         return Err("--text: encodes to no tokens".into());
     }
@@ -181,7 +199,14 @@ pub fn generate(a: &GenerateArgs) -> CliResult<()> {
     let (model, tok) = load_model(&a.model)?;
     let ids = tok.encode(&a.prompt, tok.add_bos_default()).ctx()?;
     check_context("--prompt", ids.len(), &model)?;
-    let g = generate_greedy(&model, &ids, a.max_new_tokens, &tok.stop_ids()).ctx()?;
+    let g = generate_greedy(
+        &model,
+        &ids,
+        a.max_new_tokens,
+        &tok.stop_ids(),
+        tok.vocab_size(),
+    )
+    .ctx()?;
     println!("{}{}", a.prompt, tok.decode(&g.new_ids, true).ctx()?);
     let n = g.new_ids.len();
     eprintln!(
@@ -206,9 +231,15 @@ pub struct ConvertArgs {
 /// Writes `dir` through a staging folder beside it, renamed into place when complete.
 fn write_folder(out: &Path, f: impl FnOnce(&Path) -> CliResult<()>) -> CliResult<()> {
     if out.exists() {
-        return Err(format!("{}: already exists; choose another --out", out.display()));
+        return Err(format!(
+            "{}: already exists; choose another --out",
+            out.display()
+        ));
     }
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "out".into());
     let staging = out.with_file_name(format!(".{name}.partial"));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
@@ -223,11 +254,19 @@ fn write_folder(out: &Path, f: impl FnOnce(&Path) -> CliResult<()>) -> CliResult
 
 pub fn convert(a: &ConvertArgs) -> CliResult<()> {
     if a.model.extension().is_none_or(|e| e != "gguf") {
-        return Err(format!("--model {}: expected a .gguf file", a.model.display()));
+        return Err(format!(
+            "--model {}: expected a .gguf file",
+            a.model.display()
+        ));
     }
     let m = loader::load_gguf(&a.model, &Device::Cpu).ctx()?;
-    write_folder(&a.out, |dir| loader::save_hf_dir(dir, &m.config, &m.weights, &m.tokenizer).ctx())?;
-    println!("wrote {} (config.json, model.safetensors, tokenizer.json)", a.out.display());
+    write_folder(&a.out, |dir| {
+        loader::save_hf_dir(dir, &m.config, &m.weights, &m.tokenizer).ctx()
+    })?;
+    println!(
+        "wrote {} (config.json, model.safetensors, tokenizer.json)",
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -253,7 +292,12 @@ pub fn export(a: &ExportArgs) -> CliResult<()> {
     let (mut model, tok) = load_model(&a.model)?;
     let n = model.merge_adapters().ctx()?;
     let weights = model.hf_weights(false).ctx()?;
-    write_folder(&a.out, |dir| loader::save_hf_dir(dir, &model.config, &weights, &tok).ctx())?;
-    println!("merged {n} adapters into f32 base weights; wrote {}", a.out.display());
+    write_folder(&a.out, |dir| {
+        loader::save_hf_dir(dir, &model.config, &weights, &tok).ctx()
+    })?;
+    println!(
+        "merged {n} adapters into f32 base weights; wrote {}",
+        a.out.display()
+    );
     Ok(())
 }

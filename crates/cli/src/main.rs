@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ftbench", version, about = "Fine-tune language models with LoRA and measure what it costs")]
+#[command(
+    name = "ftbench",
+    version,
+    about = "Fine-tune language models with LoRA and measure what it costs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

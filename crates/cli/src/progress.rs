@@ -15,14 +15,20 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::new(total);
             b.set_style(
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}")
-                    .expect("template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
             );
             b.set_prefix(label.to_string());
             b
         });
-        Progress { bar, label: label.to_string(), total }
+        Progress {
+            bar,
+            label: label.to_string(),
+            total,
+        }
     }
 
     pub fn step(&self, pos: u64, msg: &str) {

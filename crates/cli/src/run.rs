@@ -47,7 +47,10 @@ pub mod anyhow_free {
         if !msg.contains('\n') {
             return msg.to_string();
         }
-        let is_frame = |t: &str| t.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let is_frame = |t: &str| {
+            t.split_once(": ")
+                .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
         let mut parts = Vec::new();
         for line in msg.lines() {
             let t = line.trim();
@@ -78,19 +81,41 @@ pub mod anyhow_free {
 
 /// Sets the number of compute threads (0 = all cores); returns the number in use.
 pub fn set_threads(threads: usize) -> usize {
-    let n = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+    let n = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
     // the global pool can be built once per process; later calls keep the first setting
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
     rayon::current_num_threads()
 }
 
 /// A run id: UTC date-time and the config's name.
 fn run_id(name: &str) -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    let clean: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{clean}", rem / 3600, rem % 3600 / 60, rem % 60)
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{clean}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Claims a run folder: creates `parent/.<id>.partial` for the first id (`base`, then
@@ -99,7 +124,11 @@ fn run_id(name: &str) -> String {
 /// (or at the same time) get distinct folders instead of sharing one.
 fn claim_run_dir(parent: &Path, base: &str) -> CliResult<(String, PathBuf, PathBuf)> {
     for n in 1usize.. {
-        let id = if n == 1 { base.to_string() } else { format!("{base}-{n}") };
+        let id = if n == 1 {
+            base.to_string()
+        } else {
+            format!("{base}-{n}")
+        };
         let final_dir = parent.join(&id);
         if final_dir.exists() {
             continue;
@@ -130,11 +159,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 pub fn train(args: &TrainArgs) -> CliResult<()> {
     let cfg = RunConfig::load(&args.config, &args.set).ctx()?;
     let threads = set_threads(cfg.model.threads);
-    std::fs::create_dir_all(&cfg.output.dir).map_err(|e| format!("{}: {e}", cfg.output.dir.display()))?;
+    std::fs::create_dir_all(&cfg.output.dir)
+        .map_err(|e| format!("{}: {e}", cfg.output.dir.display()))?;
     let (id, staging, final_dir) = claim_run_dir(&cfg.output.dir, &run_id(&cfg.name))?;
     match train_into(&cfg, &staging, &id, threads) {
         Ok(()) => {
-            std::fs::rename(&staging, &final_dir).map_err(|e| format!("{}: {e}", final_dir.display()))?;
+            std::fs::rename(&staging, &final_dir)
+                .map_err(|e| format!("{}: {e}", final_dir.display()))?;
             println!("results: {}", final_dir.display());
             Ok(())
         }
@@ -148,11 +179,25 @@ pub fn train(args: &TrainArgs) -> CliResult<()> {
 fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResult<()> {
     let device = Device::Cpu;
     let wall = Instant::now();
-    let mut record = RunRecord::new(id, RunKind::Train, &cfg.model.path, "cpu", "f32", threads, cfg.seed);
+    let mut record = RunRecord::new(
+        id,
+        RunKind::Train,
+        &cfg.model.path,
+        "cpu",
+        "f32",
+        threads,
+        cfg.seed,
+    );
 
     // load: model, tokenizer, data
     let mut phase = PhaseMeter::start("load");
-    let LoadedModel { config, weights, tokenizer, source, .. } = loader::load(&cfg.model.path, &device).ctx()?;
+    let LoadedModel {
+        config,
+        weights,
+        tokenizer,
+        source,
+        ..
+    } = loader::load(&cfg.model.path, &device).ctx()?;
     let mode = match cfg.train.mode {
         Mode::Lora => TrainMode::Lora(cfg.lora.clone()),
         Mode::Full => TrainMode::Full,
@@ -174,9 +219,15 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     let pad = data::default_pad_id(&tokenizer);
     let eval_batches = data::eval_batches(&datasets.eval, cfg.eval.batch_size, pad);
     let n_train = datasets.train.len();
-    let mut batcher =
-        Batcher::new(datasets.train, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad, cfg.data.seed)
-            .ctx()?;
+    let mut batcher = Batcher::new(
+        datasets.train,
+        cfg.train.batch_size,
+        cfg.data.max_seq_len,
+        cfg.data.packing,
+        pad,
+        cfg.data.seed,
+    )
+    .ctx()?;
     record.phases.push(phase.finish());
     eprintln!(
         "model {source}: {} layers, {:.0}M parameters; {n_train} training and {} held-out examples; {threads} threads",
@@ -208,8 +259,11 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     let mut total_tokens = 0u64;
     let mut last_loss = f64::NAN;
     for step in 1..=cfg.train.steps {
-        let batches: Vec<_> = (0..cfg.train.gradient_accumulation_steps).map(|_| batcher.next_batch()).collect();
-        let stats = train::train_step(&model, &mut optim, &batches, &cfg.train, step, &mut rng).ctx()?;
+        let batches: Vec<_> = (0..cfg.train.gradient_accumulation_steps)
+            .map(|_| batcher.next_batch())
+            .collect();
+        let stats =
+            train::train_step(&model, &mut optim, &batches, &cfg.train, step, &mut rng).ctx()?;
         total_tokens += stats.tokens as u64;
         phase.add_tokens(stats.tokens as u64);
         if step == 1 {
@@ -231,7 +285,13 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
                 extra: Default::default(),
             })
             .ctx()?;
-        progress.step(step as u64, &format!("loss {:.4} lr {:.2e} {:.0} tok/s", stats.loss, stats.lr, tps));
+        progress.step(
+            step as u64,
+            &format!(
+                "loss {:.4} lr {:.2e} {:.0} tok/s",
+                stats.loss, stats.lr, tps
+            ),
+        );
     }
     progress.finish();
     let train_phase = phase.finish();
@@ -251,9 +311,18 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
 
     // write: adapter, resolved config, run record
     match model.mode() {
-        TrainMode::Lora(lc) => ftbench_trainer::lora::save_peft(&dir.join("adapter"), lc, &model.adapters(), &source).ctx()?,
+        TrainMode::Lora(lc) => {
+            ftbench_trainer::lora::save_peft(&dir.join("adapter"), lc, &model.adapters(), &source)
+                .ctx()?
+        }
         // full fine-tuning: the trained weights, as an HF folder
-        _ => loader::save_hf_dir(&dir.join("model"), &config, &model.hf_weights(false).ctx()?, &tokenizer).ctx()?,
+        _ => loader::save_hf_dir(
+            &dir.join("model"),
+            &config,
+            &model.hf_weights(false).ctx()?,
+            &tokenizer,
+        )
+        .ctx()?,
     }
     ftbench_meter::write_atomic(&dir.join("config.toml"), cfg.to_toml().as_bytes()).ctx()?;
     let trainable = match cfg.train.mode {
@@ -263,7 +332,8 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
         }),
         Mode::Full => ftbench_meter::Trainable::Full,
     };
-    let mean_len = (total_tokens as f64 / (cfg.train.steps * cfg.train.gradient_accumulation_steps * cfg.train.batch_size) as f64)
+    let mean_len = (total_tokens as f64
+        / (cfg.train.steps * cfg.train.gradient_accumulation_steps * cfg.train.batch_size) as f64)
         .round()
         .max(1.0) as usize;
     let flops = ftbench_meter::training_flops_per_token(&config.shape(), mean_len, &trainable);
@@ -273,17 +343,42 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     record.tokens_per_s = train_tps;
     record.peak_rss_bytes = ftbench_meter::peak_rss_bytes();
     record.achieved_flops_per_s = Some(flops.total * train_tps);
-    record.mfu = ftbench_meter::mfu(flops.total * train_tps, &record.fingerprint.cpu_model, "f32", None);
+    record.mfu = ftbench_meter::mfu(
+        flops.total * train_tps,
+        &record.fingerprint.cpu_model,
+        "f32",
+        None,
+    );
     record.flops_per_token = Some(flops);
-    record.extra.insert("mode".into(), serde_json::json!(cfg.train.mode));
-    record.extra.insert("trainable_parameters".into(), serde_json::json!(n_trainable));
-    record.extra.insert("batch_size".into(), serde_json::json!(cfg.train.batch_size));
-    record.extra.insert("gradient_accumulation_steps".into(), serde_json::json!(cfg.train.gradient_accumulation_steps));
-    record.extra.insert("max_seq_len".into(), serde_json::json!(cfg.data.max_seq_len));
-    record.extra.insert("final_train_loss".into(), serde_json::json!(last_loss));
-    record.extra.insert("dataset".into(), serde_json::json!(cfg.data.train_path));
+    record
+        .extra
+        .insert("mode".into(), serde_json::json!(cfg.train.mode));
+    record.extra.insert(
+        "trainable_parameters".into(),
+        serde_json::json!(n_trainable),
+    );
+    record
+        .extra
+        .insert("batch_size".into(), serde_json::json!(cfg.train.batch_size));
+    record.extra.insert(
+        "gradient_accumulation_steps".into(),
+        serde_json::json!(cfg.train.gradient_accumulation_steps),
+    );
+    record.extra.insert(
+        "max_seq_len".into(),
+        serde_json::json!(cfg.data.max_seq_len),
+    );
+    record
+        .extra
+        .insert("final_train_loss".into(), serde_json::json!(last_loss));
+    record
+        .extra
+        .insert("dataset".into(), serde_json::json!(cfg.data.train_path));
     if let Some(TrainModeLora { rank, alpha }) = lora_summary(cfg) {
-        record.extra.insert("lora".into(), serde_json::json!({"rank": rank, "alpha": alpha, "scaling": cfg.lora.scaling()}));
+        record.extra.insert(
+            "lora".into(),
+            serde_json::json!({"rank": rank, "alpha": alpha, "scaling": cfg.lora.scaling()}),
+        );
     }
     record.write_atomic(&dir.join("run.json")).ctx()?;
     if let (Some(b), Some(a)) = (record.heldout_loss_before, record.heldout_loss_after) {
@@ -298,7 +393,10 @@ struct TrainModeLora {
 }
 
 fn lora_summary(cfg: &RunConfig) -> Option<TrainModeLora> {
-    (cfg.train.mode == Mode::Lora).then(|| TrainModeLora { rank: cfg.lora.rank, alpha: cfg.lora.alpha })
+    (cfg.train.mode == Mode::Lora).then(|| TrainModeLora {
+        rank: cfg.lora.rank,
+        alpha: cfg.lora.alpha,
+    })
 }
 
 /// Canonical projection names that carry adapters (q_proj, ..., down_proj).
@@ -327,9 +425,16 @@ fn run_gsm8k(
     let mut phase = PhaseMeter::start("generate");
     let items = data::load_gsm8k(&cfg.eval.gsm8k_path, Some(cfg.eval.gsm8k_examples)).ctx()?;
     let progress = Progress::new(items.len() as u64, &format!("gsm8k {label}"));
-    let report = gsm8k_exact_match(model, tok, &cfg.data, &items, cfg.eval.max_new_tokens, |i, correct| {
-        progress.step(i as u64, &format!("{correct} correct"));
-    })
+    let report = gsm8k_exact_match(
+        model,
+        tok,
+        &cfg.data,
+        &items,
+        cfg.eval.max_new_tokens,
+        |i, correct| {
+            progress.step(i as u64, &format!("{correct} correct"));
+        },
+    )
     .ctx()?;
     progress.finish();
     phase.add_tokens(report.generated_tokens as u64);

@@ -88,13 +88,23 @@ max_new_tokens = 6
         data = data.display()
     );
     std::fs::write(&config, toml).unwrap();
-    Setup { root, model, data, config }
+    Setup {
+        root,
+        model,
+        data,
+        config,
+    }
 }
 
 /// Runs the binary with `RUST_BACKTRACE=1`, under which candle attaches backtraces to its
 /// errors: error messages must stay one line all the same.
 fn ftbench(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).args(args).current_dir(cwd).env("RUST_BACKTRACE", "1").output().expect("run ftbench")
+    Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run ftbench")
 }
 
 fn text(b: &[u8]) -> String {
@@ -118,21 +128,37 @@ fn ok(cwd: &Path, args: &[&str]) -> String {
 fn fails(cwd: &Path, args: &[&str]) -> String {
     let out = ftbench(cwd, args);
     let stderr = text(&out.stderr);
-    assert!(!out.status.success(), "ftbench {args:?} succeeded, expected an error\nstderr:\n{stderr}");
+    assert!(
+        !out.status.success(),
+        "ftbench {args:?} succeeded, expected an error\nstderr:\n{stderr}"
+    );
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "ftbench {args:?}: expected one error line, stderr:\n{stderr}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "ftbench {args:?}: expected one error line, stderr:\n{stderr}"
+    );
     let line = errors[0];
     eprintln!("{line}");
     // nothing after the error line (no backtrace, no second message)
-    let after: Vec<&str> = stderr.lines().skip_while(|l| !l.starts_with("error:")).skip(1).collect();
-    assert!(after.iter().all(|l| l.trim().is_empty()), "ftbench {args:?}: lines after the error:\n{stderr}");
+    let after: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("error:"))
+        .skip(1)
+        .collect();
+    assert!(
+        after.iter().all(|l| l.trim().is_empty()),
+        "ftbench {args:?}: lines after the error:\n{stderr}"
+    );
     line.to_string()
 }
 
 /// Run folders under `results/` (names starting with a dot included).
 fn results(cwd: &Path) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(cwd.join("results")) {
-        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
         Err(_) => Vec::new(),
     };
     v.sort();
@@ -140,28 +166,48 @@ fn results(cwd: &Path) -> Vec<String> {
 }
 
 fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    serde_json::from_str(
+        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn metric_losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| {
-        let v: Value = serde_json::from_str(l).unwrap();
-        v["loss"].as_f64().unwrap()
-    }).collect()
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["loss"].as_f64().unwrap()
+        })
+        .collect()
 }
 
 /// `score --json` log-probabilities, None for the first token.
 fn score(cwd: &Path, model: &Path, adapter: Option<&Path>, text: &str) -> Vec<(u64, Option<f64>)> {
     let m = model.to_str().unwrap();
-    let mut args = vec!["score", "--model", m, "--threads", "1", "--text", text, "--json"];
+    let mut args = vec![
+        "score",
+        "--model",
+        m,
+        "--threads",
+        "1",
+        "--text",
+        text,
+        "--json",
+    ];
     let a;
     if let Some(ad) = adapter {
         a = ad.to_str().unwrap().to_string();
         args.extend(["--adapter", a.as_str()]);
     }
     let out: Value = serde_json::from_str(ok(cwd, &args).trim()).unwrap();
-    out["tokens"].as_array().unwrap().iter().map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64())).collect()
+    out["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64()))
+        .collect()
 }
 
 #[test]
@@ -182,13 +228,18 @@ fn train_then_eval_score_generate_export() {
 
     // metrics.jsonl: one line per step with the promised fields
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let lines: Vec<Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 6);
     let mut last_tokens = 0;
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["step"].as_u64(), Some(i as u64 + 1));
         for key in ["loss", "lr", "tokens_per_s", "elapsed_s"] {
-            let v = l[key].as_f64().unwrap_or_else(|| panic!("step {}: no `{key}` in {l}", i + 1));
+            let v = l[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("step {}: no `{key}` in {l}", i + 1));
             assert!(v.is_finite() && v >= 0.0, "step {}: {key} = {v}", i + 1);
         }
         let tokens = l["tokens"].as_u64().unwrap();
@@ -198,8 +249,12 @@ fn train_then_eval_score_generate_export() {
 
     // run.json: held-out loss before and after, lower after
     let record = read_json(&run.join("run.json"));
-    let before = record["heldout_loss_before"].as_f64().expect("heldout_loss_before");
-    let after = record["heldout_loss_after"].as_f64().expect("heldout_loss_after");
+    let before = record["heldout_loss_before"]
+        .as_f64()
+        .expect("heldout_loss_before");
+    let after = record["heldout_loss_after"]
+        .as_f64()
+        .expect("heldout_loss_after");
     assert!(after < before, "held-out loss {before} -> {after}");
     eprintln!("held-out loss {before} -> {after}");
     assert_eq!(record["steps"].as_u64(), Some(6));
@@ -211,46 +266,122 @@ fn train_then_eval_score_generate_export() {
     assert_eq!(ac["peft_type"], "LORA");
     assert_eq!(ac["r"].as_u64(), Some(8));
     assert_eq!(ac["lora_alpha"].as_f64(), Some(16.0));
-    let tensors = candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let tensors = candle_core::safetensors::load(
+        adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     for key in [
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
         "base_model.model.model.layers.5.mlp.down_proj.lora_B.weight",
     ] {
-        assert!(tensors.contains_key(key), "adapter has no {key}; keys: {:?}", tensors.keys().collect::<Vec<_>>());
+        assert!(
+            tensors.contains_key(key),
+            "adapter has no {key}; keys: {:?}",
+            tensors.keys().collect::<Vec<_>>()
+        );
     }
-    assert_eq!(tensors.len(), 2 * 7 * 6, "all-linear: 7 projections in 6 layers");
+    assert_eq!(
+        tensors.len(),
+        2 * 7 * 6,
+        "all-linear: 7 projections in 6 layers"
+    );
 
     // eval: the held-out loss of the base and of base + adapter match the run's before/after
     let (m, d) = (s.model.to_str().unwrap(), s.data.to_str().unwrap());
     let ad = adapter.to_str().unwrap();
     let eval = |extra: &[&str]| -> Value {
-        let mut args = vec!["eval", "--model", m, "--threads", "1", "--data", d, "--max-seq-len", "64", "--json"];
+        let mut args = vec![
+            "eval",
+            "--model",
+            m,
+            "--threads",
+            "1",
+            "--data",
+            d,
+            "--max-seq-len",
+            "64",
+            "--json",
+        ];
         args.extend_from_slice(extra);
         serde_json::from_str(ok(cwd, &args).trim()).unwrap()
     };
     let base = eval(&[]);
-    let tuned = eval(&["--adapter", ad, "--gsm8k", "2", "--gsm8k-path", d, "--max-new-tokens", "6"]);
-    let (lb, la) = (base["heldout_loss"].as_f64().unwrap(), tuned["heldout_loss"].as_f64().unwrap());
-    assert!((lb - before).abs() < 1e-4, "eval base {lb} vs run before {before}");
-    assert!((la - after).abs() < 1e-4, "eval adapter {la} vs run after {after}");
+    let tuned = eval(&[
+        "--adapter",
+        ad,
+        "--gsm8k",
+        "2",
+        "--gsm8k-path",
+        d,
+        "--max-new-tokens",
+        "6",
+    ]);
+    let (lb, la) = (
+        base["heldout_loss"].as_f64().unwrap(),
+        tuned["heldout_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (lb - before).abs() < 1e-4,
+        "eval base {lb} vs run before {before}"
+    );
+    assert!(
+        (la - after).abs() < 1e-4,
+        "eval adapter {la} vs run after {after}"
+    );
     assert_eq!(tuned["gsm8k"]["total"].as_u64(), Some(2));
 
     // score: one entry per token, BOS first without a log-probability
     let words = "tom has 3 apples and buys 4 more";
     let scored = score(cwd, &s.model, Some(&adapter), words);
     assert_eq!(scored.len(), 1 + words.split(' ').count());
-    assert_eq!(scored[0], (2, None), "first entry is the BOS without a log-probability");
-    assert!(scored[1..].iter().all(|(_, lp)| lp.is_some_and(|v| v <= 0.0 && v.is_finite())));
+    assert_eq!(
+        scored[0],
+        (2, None),
+        "first entry is the BOS without a log-probability"
+    );
+    assert!(scored[1..]
+        .iter()
+        .all(|(_, lp)| lp.is_some_and(|v| v <= 0.0 && v.is_finite())));
 
     // generate prints the prompt and a completion
     let prompt = "Question : tom has 3 apples";
-    let out = ok(cwd, &["generate", "--model", m, "--adapter", ad, "--threads", "1", "--prompt", prompt, "--max-new-tokens", "5"]);
+    let out = ok(
+        cwd,
+        &[
+            "generate",
+            "--model",
+            m,
+            "--adapter",
+            ad,
+            "--threads",
+            "1",
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "5",
+        ],
+    );
     assert!(out.starts_with(prompt), "{out:?}");
 
     // export --merge: the merged model scores like base + adapter
     let merged = s.root.join("merged");
-    ok(cwd, &["export", "--model", m, "--adapter", ad, "--threads", "1", "--merge", "--out", merged.to_str().unwrap()]);
+    ok(
+        cwd,
+        &[
+            "export",
+            "--model",
+            m,
+            "--adapter",
+            ad,
+            "--threads",
+            "1",
+            "--merge",
+            "--out",
+            merged.to_str().unwrap(),
+        ],
+    );
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(merged.join(f).is_file(), "export wrote no {f}");
     }
@@ -265,7 +396,21 @@ fn train_then_eval_score_generate_export() {
         }
     }
     // exporting onto an existing folder is refused
-    let line = fails(cwd, &["export", "--model", m, "--adapter", ad, "--threads", "1", "--merge", "--out", merged.to_str().unwrap()]);
+    let line = fails(
+        cwd,
+        &[
+            "export",
+            "--model",
+            m,
+            "--adapter",
+            ad,
+            "--threads",
+            "1",
+            "--merge",
+            "--out",
+            merged.to_str().unwrap(),
+        ],
+    );
     assert!(line.contains("already exists"), "{line}");
 }
 
@@ -278,19 +423,52 @@ fn a_vocabulary_without_bos_scores_and_generates() {
     let mut tj = read_json(&model.join("tokenizer.json"));
     tj["post_processor"] = Value::Null;
     std::fs::write(model.join("tokenizer.json"), tj.to_string()).unwrap();
-    let tc = serde_json::json!({"eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": false});
+    let tc =
+        serde_json::json!({"eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": false});
     std::fs::write(model.join("tokenizer_config.json"), tc.to_string()).unwrap();
 
     let scored = score(&root, &model, None, "tom has 3 apples");
     assert_eq!(scored.len(), 4);
-    assert_eq!(scored[0], (16, None), "no BOS: the first word comes first, without a log-probability");
+    assert_eq!(
+        scored[0],
+        (16, None),
+        "no BOS: the first word comes first, without a log-probability"
+    );
     let m = model.to_str().unwrap();
-    let out = ok(&root, &["generate", "--model", m, "--threads", "1", "--prompt", "tom has", "--max-new-tokens", "3"]);
+    let out = ok(
+        &root,
+        &[
+            "generate",
+            "--model",
+            m,
+            "--threads",
+            "1",
+            "--prompt",
+            "tom has",
+            "--max-new-tokens",
+            "3",
+        ],
+    );
     assert!(out.starts_with("tom has"), "{out:?}");
     let data = root.join("gsm8k.jsonl");
     std::fs::write(&data, gsm8k_lines()).unwrap();
     let out: Value = serde_json::from_str(
-        ok(&root, &["eval", "--model", m, "--threads", "1", "--data", data.to_str().unwrap(), "--max-seq-len", "64", "--json"]).trim(),
+        ok(
+            &root,
+            &[
+                "eval",
+                "--model",
+                m,
+                "--threads",
+                "1",
+                "--data",
+                data.to_str().unwrap(),
+                "--max-seq-len",
+                "64",
+                "--json",
+            ],
+        )
+        .trim(),
     )
     .unwrap();
     assert!(out["heldout_loss"].as_f64().unwrap().is_finite());
@@ -302,7 +480,20 @@ fn full_fine_tuning_writes_the_model() {
     let s = setup("full");
     let cwd = &s.root;
     let cfg = s.config.to_str().unwrap();
-    ok(cwd, &["train", "--config", cfg, "--set", "train.mode=\"full\"", "--set", "train.learning_rate=0.001", "--set", "eval.gsm8k_examples=0"]);
+    ok(
+        cwd,
+        &[
+            "train",
+            "--config",
+            cfg,
+            "--set",
+            "train.mode=\"full\"",
+            "--set",
+            "train.learning_rate=0.001",
+            "--set",
+            "eval.gsm8k_examples=0",
+        ],
+    );
     let runs = results(cwd);
     assert_eq!(runs.len(), 1, "{runs:?}");
     let run = cwd.join("results").join(&runs[0]);
@@ -313,9 +504,30 @@ fn full_fine_tuning_writes_the_model() {
     // the trained model is written and evaluates to the run's held-out loss
     let model = run.join("model");
     let (m, d) = (model.to_str().unwrap(), s.data.to_str().unwrap());
-    let out: Value = serde_json::from_str(ok(cwd, &["eval", "--model", m, "--threads", "1", "--data", d, "--max-seq-len", "64", "--json"]).trim()).unwrap();
+    let out: Value = serde_json::from_str(
+        ok(
+            cwd,
+            &[
+                "eval",
+                "--model",
+                m,
+                "--threads",
+                "1",
+                "--data",
+                d,
+                "--max-seq-len",
+                "64",
+                "--json",
+            ],
+        )
+        .trim(),
+    )
+    .unwrap();
     let l = out["heldout_loss"].as_f64().unwrap();
-    assert!((l - after).abs() < 1e-4, "trained model {l} vs run after {after}");
+    assert!(
+        (l - after).abs() < 1e-4,
+        "trained model {l} vs run after {after}"
+    );
 }
 
 #[test]
@@ -324,7 +536,14 @@ fn same_seed_gives_the_same_losses() {
     let cwd = &s.root;
     let cfg = s.config.to_str().unwrap();
     // no eval and no generation: only the training steps matter here
-    let quick = ["--set", "eval.heldout_loss=false", "--set", "eval.gsm8k_examples=0", "--set", "lora.dropout=0.1"];
+    let quick = [
+        "--set",
+        "eval.heldout_loss=false",
+        "--set",
+        "eval.gsm8k_examples=0",
+        "--set",
+        "lora.dropout=0.1",
+    ];
     let mut args = vec!["train", "--config", cfg];
     args.extend(quick);
     ok(cwd, &args);
@@ -342,7 +561,10 @@ fn same_seed_gives_the_same_losses() {
     ok(cwd, &args);
     let runs = results(cwd);
     assert_eq!(runs.len(), 3, "{runs:?}");
-    let differing = runs.iter().filter(|r| metric_losses(&cwd.join("results").join(r)) != a).count();
+    let differing = runs
+        .iter()
+        .filter(|r| metric_losses(&cwd.join("results").join(r)) != a)
+        .count();
     assert_eq!(differing, 1, "a different seed gives different losses");
 }
 
@@ -355,13 +577,19 @@ fn bad_input_stops_with_one_error_line_and_no_results() {
         let mut args = vec!["train", "--config", config];
         args.extend_from_slice(extra);
         let line = fails(cwd, &args);
-        assert!(results(cwd).is_empty(), "{args:?} left {:?} under results/", results(cwd));
+        assert!(
+            results(cwd).is_empty(),
+            "{args:?} left {:?} under results/",
+            results(cwd)
+        );
         line
     };
 
     // a key typo in the file
     let typo = s.root.join("typo.toml");
-    let text = std::fs::read_to_string(&s.config).unwrap().replace("learning_rate", "lerning_rate");
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("learning_rate", "lerning_rate");
     std::fs::write(&typo, text).unwrap();
     let line = train_fails(&[], typo.to_str().unwrap());
     assert!(line.contains("lerning_rate"), "{line}");
@@ -372,11 +600,17 @@ fn bad_input_stops_with_one_error_line_and_no_results() {
 
     // target modules that match nothing
     let line = train_fails(&["--set", "lora.target_modules=[\"nope\"]"], cfg);
-    assert!(line.contains("lora.target_modules") && line.contains("nope"), "{line}");
+    assert!(
+        line.contains("lora.target_modules") && line.contains("nope"),
+        "{line}"
+    );
 
     // an invalid regex
     let line = train_fails(&["--set", "lora.target_modules=\"(\""], cfg);
-    assert!(line.contains("lora.target_modules") && line.contains("invalid regex"), "{line}");
+    assert!(
+        line.contains("lora.target_modules") && line.contains("invalid regex"),
+        "{line}"
+    );
 
     // an empty dataset
     let empty = s.root.join("empty.jsonl");
@@ -384,11 +618,17 @@ fn bad_input_stops_with_one_error_line_and_no_results() {
     let set_train = format!("data.train_path=\"{}\"", empty.display());
     let set_eval = format!("data.eval_path=\"{}\"", empty.display());
     let line = train_fails(&["--set", &set_train, "--set", &set_eval], cfg);
-    assert!(line.contains("empty.jsonl") && line.contains("no examples"), "{line}");
+    assert!(
+        line.contains("empty.jsonl") && line.contains("no examples"),
+        "{line}"
+    );
 
     // a sequence length beyond the model's context (128)
     let line = train_fails(&["--set", "data.max_seq_len=4096"], cfg);
-    assert!(line.contains("data.max_seq_len") && line.contains("4096") && line.contains("128"), "{line}");
+    assert!(
+        line.contains("data.max_seq_len") && line.contains("4096") && line.contains("128"),
+        "{line}"
+    );
 
     // invalid JSON on line 3
     let bad = s.root.join("bad.jsonl");
@@ -413,20 +653,59 @@ fn bad_input_stops_with_one_error_line_and_no_results() {
     assert!(line.contains("corrupt.gguf"), "{line}");
 
     // a loss that becomes NaN
-    let line = train_fails(&["--set", "train.learning_rate=1e30", "--set", "train.max_grad_norm=0", "--set", "eval.gsm8k_examples=0"], cfg);
-    assert!(line.contains("NaN") && line.contains("train.learning_rate"), "{line}");
+    let line = train_fails(
+        &[
+            "--set",
+            "train.learning_rate=1e30",
+            "--set",
+            "train.max_grad_norm=0",
+            "--set",
+            "eval.gsm8k_examples=0",
+        ],
+        cfg,
+    );
+    assert!(
+        line.contains("NaN") && line.contains("train.learning_rate"),
+        "{line}"
+    );
 
     // the other commands: a missing model, a missing adapter, a text beyond the context
     let m = s.model.to_str().unwrap();
     let long = vec!["tom has 3 apples"; 40].join(" ");
     let line = fails(cwd, &["score", "--model", m, "--text", &long]);
-    assert!(line.contains("--text") && line.contains("161 tokens") && line.contains("context of 128"), "{line}");
+    assert!(
+        line.contains("--text") && line.contains("161 tokens") && line.contains("context of 128"),
+        "{line}"
+    );
     let line = fails(cwd, &["generate", "--model", m, "--prompt", &long]);
-    assert!(line.contains("--prompt") && line.contains("context of 128"), "{line}");
-    let line = fails(cwd, &["score", "--model", missing.to_str().unwrap(), "--text", "tom"]);
+    assert!(
+        line.contains("--prompt") && line.contains("context of 128"),
+        "{line}"
+    );
+    let line = fails(
+        cwd,
+        &[
+            "score",
+            "--model",
+            missing.to_str().unwrap(),
+            "--text",
+            "tom",
+        ],
+    );
     assert!(line.contains("no-model"), "{line}");
     let no_adapter = s.root.join("no-adapter");
-    let line = fails(cwd, &["score", "--model", m, "--adapter", no_adapter.to_str().unwrap(), "--text", "tom"]);
+    let line = fails(
+        cwd,
+        &[
+            "score",
+            "--model",
+            m,
+            "--adapter",
+            no_adapter.to_str().unwrap(),
+            "--text",
+            "tom",
+        ],
+    );
     assert!(line.contains("no-adapter"), "{line}");
 }
 
@@ -438,23 +717,70 @@ fn convert_writes_an_hf_folder_that_scores_like_the_gguf() {
         let gguf = root.join(format!("{fam}.gguf"));
         tiny::write_gguf(&gguf, arch, &c, &tiny::weights(&c, 3));
         let out = root.join(format!("{fam}-hf"));
-        ok(&root, &["convert", "--model", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        ok(
+            &root,
+            &[
+                "convert",
+                "--model",
+                gguf.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
             assert!(out.join(f).is_file(), "{fam}: convert wrote no {f}");
         }
         let config = read_json(&out.join("config.json"));
-        assert_eq!(config["rms_norm_eps"].as_f64(), Some(c.rms_norm_eps), "{fam}");
+        assert_eq!(
+            config["rms_norm_eps"].as_f64(),
+            Some(c.rms_norm_eps),
+            "{fam}"
+        );
         // the embedded SentencePiece vocabulary encodes "ab ab" to <bos> ▁ab ▁ab, in both files
         let a = score(&root, &gguf, None, "ab ab");
         let b = score(&root, &out, None, "ab ab");
-        assert_eq!(a.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 10, 10], "{fam}");
-        assert_eq!(a, b, "{fam}: the converted folder scores differently from the GGUF");
-        let line = fails(&root, &["convert", "--model", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert_eq!(
+            a.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![2, 10, 10],
+            "{fam}"
+        );
+        assert_eq!(
+            a, b,
+            "{fam}: the converted folder scores differently from the GGUF"
+        );
+        let line = fails(
+            &root,
+            &[
+                "convert",
+                "--model",
+                gguf.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
         assert!(line.contains("already exists"), "{line}");
     }
-    let line = fails(&root, &["convert", "--model", root.join("llama-hf").to_str().unwrap(), "--out", "x"]);
+    let line = fails(
+        &root,
+        &[
+            "convert",
+            "--model",
+            root.join("llama-hf").to_str().unwrap(),
+            "--out",
+            "x",
+        ],
+    );
     assert!(line.contains("expected a .gguf file"), "{line}");
-    let leftovers: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().ends_with(".partial")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".partial"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     let _ = std::fs::remove_dir_all(&root);
 }

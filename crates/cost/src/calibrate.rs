@@ -77,24 +77,36 @@ pub fn record_path(run: &Path) -> PathBuf {
     }
 }
 
-fn price_key(cfg: &CostConfig, cfg_path: &Path, rec: &RunRecord, run: &Path) -> Result<(String, f64)> {
+fn price_key(
+    cfg: &CostConfig,
+    cfg_path: &Path,
+    rec: &RunRecord,
+    run: &Path,
+) -> Result<(String, f64)> {
     let name = match &rec.fingerprint.gpu_name {
         Some(g) if rec.device.to_lowercase().contains("cuda") => g.clone(),
         _ => rec.device.clone(),
     };
-    cfg.device_price(&name).map(|(k, v)| (k.to_string(), v)).ok_or_else(|| {
-        Error::key(
-            cfg_path,
-            "prices.device_usd_per_hour",
-            format!("missing price for device `{name}` of run {}", run.display()),
-        )
-    })
+    cfg.device_price(&name)
+        .map(|(k, v)| (k.to_string(), v))
+        .ok_or_else(|| {
+            Error::key(
+                cfg_path,
+                "prices.device_usd_per_hour",
+                format!("missing price for device `{name}` of run {}", run.display()),
+            )
+        })
 }
 
 fn method(rec: &RunRecord) -> String {
     ["method", "mode"]
         .iter()
-        .find_map(|k| rec.extra.get(*k).and_then(|v| v.as_str()).map(str::to_lowercase))
+        .find_map(|k| {
+            rec.extra
+                .get(*k)
+                .and_then(|v| v.as_str())
+                .map(str::to_lowercase)
+        })
         .unwrap_or_else(|| "lora".into())
 }
 
@@ -111,18 +123,31 @@ impl Calibration {
         Self::read_runs(cfg, cfg_path, runs, false)
     }
 
-    fn read_runs(cfg: &CostConfig, cfg_path: &Path, runs: &[PathBuf], strict: bool) -> Result<Self> {
+    fn read_runs(
+        cfg: &CostConfig,
+        cfg_path: &Path,
+        runs: &[PathBuf],
+        strict: bool,
+    ) -> Result<Self> {
         let mut cal = Calibration::default();
         for run in runs {
             let rec = RunRecord::read(&record_path(run))?;
             let run_s = run.display().to_string();
-            let train = rec.phase("train").filter(|_| rec.kind == RunKind::Train || rec.kind == RunKind::Bench);
+            let train = rec
+                .phase("train")
+                .filter(|_| rec.kind == RunKind::Train || rec.kind == RunKind::Bench);
             let gen = rec.phase("generate").filter(|p| p.tokens_per_s > 0.0);
-            let prefill = rec.phase("prefill").or_else(|| rec.phase("eval")).filter(|p| p.tokens_per_s > 0.0);
+            let prefill = rec
+                .phase("prefill")
+                .or_else(|| rec.phase("eval"))
+                .filter(|p| p.tokens_per_s > 0.0);
             if train.is_none() && gen.is_none() {
                 let msg = "no `train` phase and no `generate` phase with tokens: nothing to calibrate from";
                 if strict {
-                    return Err(Error::Run { path: record_path(run), msg: msg.into() });
+                    return Err(Error::Run {
+                        path: record_path(run),
+                        msg: msg.into(),
+                    });
                 }
                 cal.not_applied.push(format!("{run_s}: {msg}"));
                 continue;
@@ -132,9 +157,13 @@ impl Calibration {
             let m = method(&rec);
             if let Some(t) = train {
                 if t.tokens_per_s <= 0.0 {
-                    return Err(Error::Run { path: record_path(run), msg: "phase `train`: expected tokens_per_s above 0, found 0".into() });
+                    return Err(Error::Run {
+                        path: record_path(run),
+                        msg: "phase `train`: expected tokens_per_s above 0, found 0".into(),
+                    });
                 }
-                cal.training.push((m.clone(), t.tokens_per_s, key.clone(), run_s.clone()));
+                cal.training
+                    .push((m.clone(), t.tokens_per_s, key.clone(), run_s.clone()));
             }
             if let Some(g) = gen {
                 let per_dev = g.tokens_per_s / g.devices.max(1) as f64;
@@ -152,7 +181,9 @@ impl Calibration {
                                 .energy
                                 .iter()
                                 .filter(|r| r.joules.is_none())
-                                .map(|r| format!("{}: {}", r.source, r.note.clone().unwrap_or_default()))
+                                .map(|r| {
+                                    format!("{}: {}", r.source, r.note.clone().unwrap_or_default())
+                                })
                                 .collect();
                             if notes.is_empty() {
                                 "no energy source recorded".to_string()
@@ -184,9 +215,10 @@ impl Calibration {
         for s in &cfg.strategies {
             let m = cal.measured_for(s);
             match (&m.training, &s.training) {
-                (Some((h, dev, run)), Some(_)) => {
-                    cal.applied.push(format!("{}.training_device_hours = {h:.4} on {dev} (measured: {run})", s.name))
-                }
+                (Some((h, dev, run)), Some(_)) => cal.applied.push(format!(
+                    "{}.training_device_hours = {h:.4} on {dev} (measured: {run})",
+                    s.name
+                )),
                 (None, Some(_)) => cal.not_applied.push(format!(
                     "{}.training: assumed (no train run with method `{}`)",
                     s.name, s.kind
@@ -195,10 +227,14 @@ impl Calibration {
             }
             if s.per_call.mode == "self_hosted" {
                 match &m.serving {
-                    Some((g, _, dev, run)) => cal
-                        .applied
-                        .push(format!("{}.generate_tokens_per_s = {g:.2} on {dev} (measured: {run})", s.name)),
-                    None => cal.not_applied.push(format!("{}.per_call: assumed (no run with a generate phase)", s.name)),
+                    Some((g, _, dev, run)) => cal.applied.push(format!(
+                        "{}.generate_tokens_per_s = {g:.2} on {dev} (measured: {run})",
+                        s.name
+                    )),
+                    None => cal.not_applied.push(format!(
+                        "{}.per_call: assumed (no run with a generate phase)",
+                        s.name
+                    )),
                 }
             }
         }
@@ -209,7 +245,12 @@ impl Calibration {
     pub fn measured_for(&self, s: &StrategyConfig) -> Measured {
         let mut m = Measured::default();
         if let Some(t) = &s.training {
-            if let Some((_, tps, key, run)) = self.training.iter().rev().find(|(method, ..)| *method == s.kind) {
+            if let Some((_, tps, key, run)) = self
+                .training
+                .iter()
+                .rev()
+                .find(|(method, ..)| *method == s.kind)
+            {
                 let rc = self.runs.iter().find(|r| &r.run == run);
                 let devices = rc.map(|r| r.devices).unwrap_or(1) as f64;
                 let hours = match t.tokens {

@@ -32,7 +32,10 @@ fn color(i: usize) -> RGBColor {
 }
 
 fn chart_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Chart { path: path.into(), msg: e.to_string() }
+    Error::Chart {
+        path: path.into(),
+        msg: e.to_string(),
+    }
 }
 
 fn root(path: &Path) -> DrawingArea<SVGBackend<'_>, Shift> {
@@ -49,7 +52,11 @@ pub fn short(v: f64) -> String {
     } else {
         (v, "")
     };
-    let s = if (x - x.round()).abs() < 1e-9 { format!("{}", x.round()) } else { format!("{x:.1}") };
+    let s = if (x - x.round()).abs() < 1e-9 {
+        format!("{}", x.round())
+    } else {
+        format!("{x:.1}")
+    };
     format!("{s}{suffix}")
 }
 
@@ -58,15 +65,28 @@ pub fn short(v: f64) -> String {
 pub fn loss_chart(path: &Path, runs: &[(String, Vec<MetricsLine>)]) -> Result<()> {
     let area = root(path);
     area.fill(&WHITE).map_err(|e| chart_err(path, e))?;
-    let max_step = runs.iter().flat_map(|r| r.1.iter().map(|m| m.step)).max().unwrap_or(1).max(1) as f64;
+    let max_step = runs
+        .iter()
+        .flat_map(|r| r.1.iter().map(|m| m.step))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
     let losses: Vec<f64> = runs
         .iter()
-        .flat_map(|r| r.1.iter().flat_map(|m| std::iter::once(m.loss).chain(m.extra.get("heldout_loss").and_then(|v| v.as_f64()))))
+        .flat_map(|r| {
+            r.1.iter().flat_map(|m| {
+                std::iter::once(m.loss).chain(m.extra.get("heldout_loss").and_then(|v| v.as_f64()))
+            })
+        })
         .filter(|x| x.is_finite())
         .collect();
     let lo = losses.iter().cloned().fold(f64::INFINITY, f64::min);
     let hi = losses.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let (lo, hi) = if lo.is_finite() && hi > lo { (lo, hi) } else { (0.0, 1.0) };
+    let (lo, hi) = if lo.is_finite() && hi > lo {
+        (lo, hi)
+    } else {
+        (0.0, 1.0)
+    };
     let pad = (hi - lo) * 0.08;
     let mut chart = ChartBuilder::on(&area)
         .caption("Training loss", ("sans-serif", 24))
@@ -90,7 +110,10 @@ pub fn loss_chart(path: &Path, runs: &[(String, Vec<MetricsLine>)]) -> Result<()
         let c = color(i);
         chart
             .draw_series(LineSeries::new(
-                lines.iter().filter(|m| m.loss.is_finite()).map(|m| (m.step as f64, m.loss)),
+                lines
+                    .iter()
+                    .filter(|m| m.loss.is_finite())
+                    .map(|m| (m.step as f64, m.loss)),
                 c.stroke_width(2),
             ))
             .map_err(|e| chart_err(path, e))?
@@ -98,7 +121,12 @@ pub fn loss_chart(path: &Path, runs: &[(String, Vec<MetricsLine>)]) -> Result<()
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
         let held: Vec<(f64, f64)> = lines
             .iter()
-            .filter_map(|m| m.extra.get("heldout_loss").and_then(|v| v.as_f64()).map(|h| (m.step as f64, h)))
+            .filter_map(|m| {
+                m.extra
+                    .get("heldout_loss")
+                    .and_then(|v| v.as_f64())
+                    .map(|h| (m.step as f64, h))
+            })
             .collect();
         if !held.is_empty() {
             chart
@@ -125,7 +153,10 @@ pub fn throughput_chart(path: &Path, runs: &[(String, Vec<PhaseRecord>)]) -> Res
         .iter()
         .enumerate()
         .flat_map(|(i, (_, phases))| {
-            phases.iter().filter(|p| p.tokens > 0).map(move |p| (i, p.name.clone(), p.tokens_per_s))
+            phases
+                .iter()
+                .filter(|p| p.tokens > 0)
+                .map(move |p| (i, p.name.clone(), p.tokens_per_s))
         })
         .collect();
     let area = root(path);
@@ -133,7 +164,10 @@ pub fn throughput_chart(path: &Path, runs: &[(String, Vec<PhaseRecord>)]) -> Res
     let n = bars.len().max(1) as i32;
     let max = bars.iter().map(|b| b.2).fold(0.0, f64::max).max(1e-9) * 1.15;
     let mut chart = ChartBuilder::on(&area)
-        .caption("Throughput per phase (warm-up excluded)", ("sans-serif", 24))
+        .caption(
+            "Throughput per phase (warm-up excluded)",
+            ("sans-serif", 24),
+        )
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(80)
@@ -157,11 +191,16 @@ pub fn throughput_chart(path: &Path, runs: &[(String, Vec<PhaseRecord>)]) -> Res
         .y_max_light_lines(1)
         .draw()
         .map_err(|e| chart_err(path, e))?;
-    let value_style = TextStyle::from(("sans-serif", 13).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+    let value_style =
+        TextStyle::from(("sans-serif", 13).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
     for (ri, (label, _)) in runs.iter().enumerate() {
         let c = color(ri);
-        let mine: Vec<(usize, f64)> =
-            bars.iter().enumerate().filter(|(_, b)| b.0 == ri).map(|(j, b)| (j, b.2)).collect();
+        let mine: Vec<(usize, f64)> = bars
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.0 == ri)
+            .map(|(j, b)| (j, b.2))
+            .collect();
         chart
             .draw_series(mine.iter().map(|(j, v)| {
                 let x0 = SegmentValue::Exact(*j as i32);
@@ -175,7 +214,11 @@ pub fn throughput_chart(path: &Path, runs: &[(String, Vec<PhaseRecord>)]) -> Res
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], c.filled()));
         chart
             .draw_series(mine.iter().map(|(j, v)| {
-                Text::new(short_rate(*v), (SegmentValue::CenterOf(*j as i32), *v + max * 0.01), value_style.clone())
+                Text::new(
+                    short_rate(*v),
+                    (SegmentValue::CenterOf(*j as i32), *v + max * 0.01),
+                    value_style.clone(),
+                )
             }))
             .map_err(|e| chart_err(path, e))?;
     }
@@ -239,7 +282,11 @@ pub fn envelope_changes(report: &CostReport, lo: f64, hi: f64) -> Vec<(f64, f64,
             let a = report.strategies.iter().find(|s| s.name == prev).unwrap();
             let b = report.strategies.iter().find(|s| s.name == now).unwrap();
             let slope = (a.per_call_usd - b.per_call_usd) * d;
-            let x = if slope != 0.0 { (cost(b, 0.0) - cost(a, 0.0)) / slope } else { v };
+            let x = if slope != 0.0 {
+                (cost(b, 0.0) - cost(a, 0.0)) / slope
+            } else {
+                v
+            };
             out.push((x, cost(a, x), prev.clone(), now.clone()));
             prev = now;
         }
@@ -267,13 +314,23 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
         }
     }
     // Widen to the ticks just outside the data, so both ends carry a label.
-    let ymin = log_ticks(ymin / 10.0, ymin * 0.9).last().copied().unwrap_or(ymin * 0.5).max(1e-6);
-    let ymax = log_ticks(ymax * 1.1, ymax * 10.0).first().copied().unwrap_or(ymax * 2.0);
+    let ymin = log_ticks(ymin / 10.0, ymin * 0.9)
+        .last()
+        .copied()
+        .unwrap_or(ymin * 0.5)
+        .max(1e-6);
+    let ymax = log_ticks(ymax * 1.1, ymax * 10.0)
+        .first()
+        .copied()
+        .unwrap_or(ymax * 2.0);
     let changes = envelope_changes(report, lo, hi);
 
     let area = root(path);
     area.fill(&WHITE).map_err(|e| chart_err(path, e))?;
-    let caption = format!("Monthly cost by daily calls (upfront spread over {} months)", fmt_num(h));
+    let caption = format!(
+        "Monthly cost by daily calls (upfront spread over {} months)",
+        fmt_num(h)
+    );
     let mut chart = ChartBuilder::on(&area)
         .caption(caption, ("sans-serif", 22))
         .margin(16)
@@ -281,7 +338,9 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
         .y_label_area_size(84)
         .build_cartesian_2d(
             (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
-            (ymin..ymax).log_scale().with_key_points(log_ticks(ymin, ymax)),
+            (ymin..ymax)
+                .log_scale()
+                .with_key_points(log_ticks(ymin, ymax)),
         )
         .map_err(|e| chart_err(path, e))?;
     let currency = report.currency.clone();
@@ -312,7 +371,13 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
     }
     for (k, (v, y, from, to)) in changes.iter().enumerate() {
-        let text = format!("{}: {} calls/day, {} -> {}", k + 1, fmt_num(v.round()), report.label(from), report.label(to));
+        let text = format!(
+            "{}: {} calls/day, {} -> {}",
+            k + 1,
+            fmt_num(v.round()),
+            report.label(from),
+            report.label(to)
+        );
         let pos = (*v, *y);
         chart
             .draw_series(std::iter::once(Circle::new(pos, 7, BLACK.stroke_width(2))))
@@ -323,7 +388,8 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
             .draw_series(std::iter::once(Text::new(
                 format!("{}", k + 1),
                 (*v, *y * 1.22),
-                TextStyle::from(("sans-serif", 15).into_font().style(FontStyle::Bold)).pos(Pos::new(HPos::Center, VPos::Bottom)),
+                TextStyle::from(("sans-serif", 15).into_font().style(FontStyle::Bold))
+                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
             )))
             .map_err(|e| chart_err(path, e))?;
     }
@@ -334,7 +400,9 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
         .filter(|x| x.a == report.baseline || x.b == report.baseline)
         .filter_map(|x| {
             let other = if x.a == report.baseline { &x.b } else { &x.a };
-            x.daily_calls.filter(|v| *v >= lo && *v <= hi).map(|v| (v, other.clone()))
+            x.daily_calls
+                .filter(|v| *v >= lo && *v <= hi)
+                .map(|v| (v, other.clone()))
         })
         .collect();
     let base = report.strategies.iter().find(|s| s.name == report.baseline);
@@ -349,7 +417,11 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
             fmt_num(v.round())
         );
         chart
-            .draw_series(std::iter::once(Cross::new((*v, y), 6, BLACK.stroke_width(2))))
+            .draw_series(std::iter::once(Cross::new(
+                (*v, y),
+                6,
+                BLACK.stroke_width(2),
+            )))
             .map_err(|e| chart_err(path, e))?
             .label(text)
             .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
@@ -357,7 +429,8 @@ pub fn crossover_chart(path: &Path, report: &CostReport) -> Result<()> {
             .draw_series(std::iter::once(Text::new(
                 letter.to_string(),
                 (*v, y / 1.22),
-                TextStyle::from(("sans-serif", 15).into_font().style(FontStyle::Bold)).pos(Pos::new(HPos::Center, VPos::Top)),
+                TextStyle::from(("sans-serif", 15).into_font().style(FontStyle::Bold))
+                    .pos(Pos::new(HPos::Center, VPos::Top)),
             )))
             .map_err(|e| chart_err(path, e))?;
     }

@@ -50,9 +50,11 @@ impl Value {
             toml::Value::Array(a) if a.len() == 2 && a.iter().all(|x| num(x).is_some()) => {
                 Some(Value::Range(num(&a[0])?, num(&a[1])?))
             }
-            toml::Value::Array(a) if a.iter().all(|x| x.is_str()) => {
-                Some(Value::Names(a.iter().filter_map(|x| x.as_str().map(String::from)).collect()))
-            }
+            toml::Value::Array(a) if a.iter().all(|x| x.is_str()) => Some(Value::Names(
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect(),
+            )),
             other => num(other).map(Value::Num),
         }
     }
@@ -115,7 +117,9 @@ fn agrees(stated: &Value, computed: &Value, tol: f64) -> bool {
         (Value::Num(s), Value::Num(c)) => within(*c, *s, *s, tol),
         (Value::Range(lo, hi), Value::Num(c)) => within(*c, *lo, *hi, tol),
         (Value::Num(s), Value::Range(lo, hi)) => within(*s, *lo, *hi, tol),
-        (Value::Range(slo, shi), Value::Range(clo, chi)) => within(*clo, *slo, *shi, tol) && within(*chi, *slo, *shi, tol),
+        (Value::Range(slo, shi), Value::Range(clo, chi)) => {
+            within(*clo, *slo, *shi, tol) && within(*chi, *slo, *shi, tol)
+        }
         (Value::Name(s), Value::Name(c)) => s == c,
         (Value::Names(v), Value::Name(c)) => v.contains(c),
         _ => false,
@@ -126,16 +130,28 @@ fn agrees(stated: &Value, computed: &Value, tol: f64) -> bool {
 pub fn formula_variables(cfg: &CostConfig, model: &Model) -> BTreeMap<String, f64> {
     let mut v = BTreeMap::new();
     let p = &cfg.prices;
-    v.insert("engineer_usd_per_hour".into(), p.engineer_usd_per_hour.unwrap_or(0.0));
-    v.insert("api_input_usd_per_mtok".into(), p.api_input_usd_per_mtok.unwrap_or(0.0));
-    v.insert("api_output_usd_per_mtok".into(), p.api_output_usd_per_mtok.unwrap_or(0.0));
+    v.insert(
+        "engineer_usd_per_hour".into(),
+        p.engineer_usd_per_hour.unwrap_or(0.0),
+    );
+    v.insert(
+        "api_input_usd_per_mtok".into(),
+        p.api_input_usd_per_mtok.unwrap_or(0.0),
+    );
+    v.insert(
+        "api_output_usd_per_mtok".into(),
+        p.api_output_usd_per_mtok.unwrap_or(0.0),
+    );
     v.insert("days_per_month".into(), model.days_per_month);
     v.insert("horizon_months".into(), model.horizon_months);
     for s in &model.strategies {
         v.insert(format!("upfront.{}", s.name), s.upfront.total_usd);
         v.insert(format!("per_call.{}", s.name), s.per_call_usd);
         v.insert(format!("monthly_fixed.{}", s.name), s.monthly_fixed_usd);
-        v.insert(format!("maintenance.{}", s.name), s.maintenance_per_year_usd);
+        v.insert(
+            format!("maintenance.{}", s.name),
+            s.maintenance_per_year_usd,
+        );
     }
     v
 }
@@ -151,10 +167,20 @@ fn check(c: &Claim, model: &Model, vars: &BTreeMap<String, f64>) -> ClaimResult 
     let maint = c.include_maintenance.unwrap_or(true);
     let horizon = c.horizon_months.unwrap_or(model.horizon_months);
     let weeks = c.unit == "weeks";
-    let to_unit = |months: f64| if weeks { months * model.days_per_month / 7.0 } else { months };
+    let to_unit = |months: f64| {
+        if weeks {
+            months * model.days_per_month / 7.0
+        } else {
+            months
+        }
+    };
     let stated = Value::from_toml(&c.stated);
     let get = |name: &Option<String>| name.as_deref().and_then(|n| model.get(n));
-    let scope = if maint { "maintenance included" } else { "maintenance left out" };
+    let scope = if maint {
+        "maintenance included"
+    } else {
+        "maintenance left out"
+    };
 
     let (computed, arithmetic): (Option<Value>, String) = match c.check.as_str() {
         "formula" => {
@@ -184,13 +210,27 @@ fn check(c: &Claim, model: &Model, vars: &BTreeMap<String, f64>) -> ClaimResult 
                 match p.months {
                     Some(m) => {
                         let unit_note = if weeks {
-                            format!(" = {:.2} months x {} / 7 = {:.2} weeks", m, model.days_per_month, to_unit(m))
+                            format!(
+                                " = {:.2} months x {} / 7 = {:.2} weeks",
+                                m,
+                                model.days_per_month,
+                                to_unit(m)
+                            )
                         } else {
                             format!(" = {m:.3} months")
                         };
-                        (Some(Value::Num(to_unit(m))), format!("{}{unit_note} ({scope})", p.arithmetic))
+                        (
+                            Some(Value::Num(to_unit(m))),
+                            format!("{}{unit_note} ({scope})", p.arithmetic),
+                        )
                     }
-                    None => (None, format!("{}: no monthly saving, never pays back ({scope})", p.arithmetic)),
+                    None => (
+                        None,
+                        format!(
+                            "{}: no monthly saving, never pays back ({scope})",
+                            p.arithmetic
+                        ),
+                    ),
                 }
             }
             _ => (None, "unknown strategy".into()),
@@ -199,13 +239,18 @@ fn check(c: &Claim, model: &Model, vars: &BTreeMap<String, f64>) -> ClaimResult 
             (Some(a), Some(b)) => {
                 let x = model.crossover(a, b, horizon, maint);
                 match x.daily_calls {
-                    Some(v) => (Some(Value::Num(v)), format!("{} = {} calls a day ({scope})", x.arithmetic, fmt_num(v))),
+                    Some(v) => (
+                        Some(Value::Num(v)),
+                        format!("{} = {} calls a day ({scope})", x.arithmetic, fmt_num(v)),
+                    ),
                     None => (
                         None,
                         format!(
                             "{}: no crossing{} ({scope})",
                             x.arithmetic,
-                            x.always_cheaper.map(|s| format!(", {s} is cheaper at every volume")).unwrap_or_default()
+                            x.always_cheaper
+                                .map(|s| format!(", {s} is cheaper at every volume"))
+                                .unwrap_or_default()
                         ),
                     ),
                 }
@@ -216,10 +261,17 @@ fn check(c: &Claim, model: &Model, vars: &BTreeMap<String, f64>) -> ClaimResult 
             // cheapest
             let v = c.daily_calls.unwrap_or(0.0);
             let r = model.ranking(&c.among, v, horizon, maint);
-            let shown = r.iter().map(|(n, x)| format!("{n} {}", fmt_num(*x))).collect::<Vec<_>>().join(" < ");
+            let shown = r
+                .iter()
+                .map(|(n, x)| format!("{n} {}", fmt_num(*x)))
+                .collect::<Vec<_>>()
+                .join(" < ");
             (
                 r.first().map(|(n, _)| Value::Name(n.clone())),
-                format!("cumulative cost over {horizon} months at {} calls a day: {shown} ({scope})", fmt_num(v)),
+                format!(
+                    "cumulative cost over {horizon} months at {} calls a day: {shown} ({scope})",
+                    fmt_num(v)
+                ),
             )
         }
     };
@@ -232,9 +284,18 @@ fn check(c: &Claim, model: &Model, vars: &BTreeMap<String, f64>) -> ClaimResult 
         id: c.id.clone(),
         section: c.section.clone(),
         text: c.text.clone(),
-        stated: stated.as_ref().map(Value::show).unwrap_or_else(|| c.stated.to_string()),
-        computed: computed.as_ref().map(Value::show).unwrap_or_else(|| "none".into()),
-        computed_value: computed.as_ref().map(Value::json).unwrap_or(serde_json::Value::Null),
+        stated: stated
+            .as_ref()
+            .map(Value::show)
+            .unwrap_or_else(|| c.stated.to_string()),
+        computed: computed
+            .as_ref()
+            .map(Value::show)
+            .unwrap_or_else(|| "none".into()),
+        computed_value: computed
+            .as_ref()
+            .map(Value::json)
+            .unwrap_or(serde_json::Value::Null),
         unit: c.unit.clone(),
         arithmetic,
         follows,
@@ -244,9 +305,17 @@ fn check(c: &Claim, model: &Model, vars: &BTreeMap<String, f64>) -> ClaimResult 
 
 /// Evaluates `+ - * /` with parentheses over numbers and named variables; returns the
 /// value and the expression with each name replaced by its value.
-pub fn eval_expr(expr: &str, vars: &BTreeMap<String, f64>) -> std::result::Result<(f64, String), String> {
+pub fn eval_expr(
+    expr: &str,
+    vars: &BTreeMap<String, f64>,
+) -> std::result::Result<(f64, String), String> {
     let tokens = tokenize(expr)?;
-    let mut p = Parser { tokens: &tokens, pos: 0, vars, shown: String::new() };
+    let mut p = Parser {
+        tokens: &tokens,
+        pos: 0,
+        vars,
+        shown: String::new(),
+    };
     let v = p.sum()?;
     if p.pos != tokens.len() {
         return Err(format!("unexpected `{}`", tokens[p.pos].text()));
@@ -283,15 +352,25 @@ fn tokenize(s: &str) -> std::result::Result<Vec<Tok>, String> {
             i += 1;
         } else if c.is_ascii_digit() || c == '.' {
             let start = i;
-            while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.' || chars[i] == '_' || chars[i] == 'e') {
+            while i < chars.len()
+                && (chars[i].is_ascii_digit()
+                    || chars[i] == '.'
+                    || chars[i] == '_'
+                    || chars[i] == 'e')
+            {
                 i += 1;
             }
             let text: String = chars[start..i].iter().collect();
-            let v: f64 = text.replace('_', "").parse().map_err(|_| format!("bad number `{text}`"))?;
+            let v: f64 = text
+                .replace('_', "")
+                .parse()
+                .map_err(|_| format!("bad number `{text}`"))?;
             out.push(Tok::Num(v, text));
         } else if c.is_ascii_alphabetic() || c == '_' {
             let start = i;
-            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == '.') {
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == '.')
+            {
                 i += 1;
             }
             out.push(Tok::Name(chars[start..i].iter().collect()));
@@ -340,7 +419,11 @@ impl Parser<'_> {
     }
 
     fn atom(&mut self) -> std::result::Result<f64, String> {
-        let tok = self.tokens.get(self.pos).cloned().ok_or("expression ends early")?;
+        let tok = self
+            .tokens
+            .get(self.pos)
+            .cloned()
+            .ok_or("expression ends early")?;
         self.pos += 1;
         match tok {
             Tok::Num(v, _) => {
@@ -348,7 +431,10 @@ impl Parser<'_> {
                 Ok(v)
             }
             Tok::Name(n) => {
-                let v = *self.vars.get(&n).ok_or_else(|| format!("unknown name `{n}`"))?;
+                let v = *self
+                    .vars
+                    .get(&n)
+                    .ok_or_else(|| format!("unknown name `{n}`"))?;
                 self.shown.push_str(&fmt_num(v));
                 Ok(v)
             }
@@ -382,7 +468,9 @@ mod tests {
         let (x, shown) = eval_expr("upfront.lora / (4500 - 1800)", &v).unwrap();
         assert!((x - 2.962962).abs() < 1e-5);
         assert_eq!(shown, "8,000 / (4,500 - 1,800)");
-        assert!(eval_expr("nope * 2", &v).unwrap_err().contains("unknown name `nope`"));
+        assert!(eval_expr("nope * 2", &v)
+            .unwrap_err()
+            .contains("unknown name `nope`"));
         assert!(eval_expr("(1 + 2", &v).is_err());
         assert_eq!(fmt_num(4562.5), "4,562.5");
         assert_eq!(fmt_num(18250.0), "18,250");

@@ -65,7 +65,12 @@ pub fn cost_report(args: &CostArgs) -> Result<CostReport> {
     } else {
         Some(Calibration::from_runs(&cfg, &args.config, &args.calibrate)?)
     };
-    Ok(CostReport::build(&cfg, &args.config, calibration, args.horizon))
+    Ok(CostReport::build(
+        &cfg,
+        &args.config,
+        calibration,
+        args.horizon,
+    ))
 }
 
 /// Runs `ftbench cost`: prints tables, or JSON with `--json`.
@@ -83,7 +88,11 @@ pub fn run_cost(args: &CostArgs) -> Result<()> {
 /// Runs `ftbench report`; returns the path of `report.md`.
 pub fn run_report(args: &ReportArgs) -> Result<PathBuf> {
     check_horizon(args.horizon)?;
-    let runs = args.runs.iter().map(|r| read_run(r)).collect::<Result<Vec<_>>>()?;
+    let runs = args
+        .runs
+        .iter()
+        .map(|r| read_run(r))
+        .collect::<Result<Vec<_>>>()?;
     let cost = match &args.cost {
         Some(path) => {
             let cfg = CostConfig::load(path)?;

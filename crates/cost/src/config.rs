@@ -275,9 +275,16 @@ impl CostConfig {
     /// Parses and validates config text; `path` names the file in errors.
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
         let cfg: CostConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(0);
             let msg = e.message().trim().replace('\n', " ");
-            Error::Parse { path: path.into(), line, msg }
+            Error::Parse {
+                path: path.into(),
+                line,
+                msg,
+            }
         })?;
         cfg.validate(path)?;
         Ok(cfg)
@@ -307,8 +314,16 @@ impl CostConfig {
         if !self.bands.is_empty() {
             return self.bands.clone();
         }
-        let b = |label: &str, from: f64, to: f64| Band { label: label.into(), from, to };
-        vec![b("< 10K", 1e3, 1e4), b("10K-100K", 1e4, 1e5), b("> 100K", 1e5, 1e6)]
+        let b = |label: &str, from: f64, to: f64| Band {
+            label: label.into(),
+            from,
+            to,
+        };
+        vec![
+            b("< 10K", 1e3, 1e4),
+            b("10K-100K", 1e4, 1e5),
+            b("> 100K", 1e5, 1e6),
+        ]
     }
 
     /// The strategy with this name.
@@ -318,7 +333,11 @@ impl CostConfig {
 
     /// The names of all strategies, comma-separated (for error messages).
     pub fn strategy_names(&self) -> String {
-        self.strategies.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        self.strategies
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The price per hour of a device key, by the longest key found in `device` as a
@@ -339,48 +358,98 @@ impl CostConfig {
         let err = |key: String, msg: String| Err(Error::key(path, key, msg));
         let p = &self.prices;
         if p.taken.as_deref().is_none_or(|t| t.trim().is_empty()) {
-            return err("prices.taken".into(), "missing: the date the prices were taken, e.g. \"2026-03-01\"".into());
+            return err(
+                "prices.taken".into(),
+                "missing: the date the prices were taken, e.g. \"2026-03-01\"".into(),
+            );
         }
-        price(path, "prices.engineer_usd_per_hour", p.engineer_usd_per_hour, true)?;
-        price(path, "prices.api_input_usd_per_mtok", p.api_input_usd_per_mtok, true)?;
-        price(path, "prices.api_output_usd_per_mtok", p.api_output_usd_per_mtok, false)?;
-        price(path, "prices.electricity_usd_per_kwh", p.electricity_usd_per_kwh, false)?;
+        price(
+            path,
+            "prices.engineer_usd_per_hour",
+            p.engineer_usd_per_hour,
+            true,
+        )?;
+        price(
+            path,
+            "prices.api_input_usd_per_mtok",
+            p.api_input_usd_per_mtok,
+            true,
+        )?;
+        price(
+            path,
+            "prices.api_output_usd_per_mtok",
+            p.api_output_usd_per_mtok,
+            false,
+        )?;
+        price(
+            path,
+            "prices.electricity_usd_per_kwh",
+            p.electricity_usd_per_kwh,
+            false,
+        )?;
         for (k, v) in &p.device_usd_per_hour {
-            price(path, &format!("prices.device_usd_per_hour.{k}"), Some(*v), true)?;
+            price(
+                path,
+                &format!("prices.device_usd_per_hour.{k}"),
+                Some(*v),
+                true,
+            )?;
         }
         match self.horizon_months {
             Some(h) if !(h > 0.0 && h.is_finite()) => {
-                return err("horizon_months".into(), format!("expected a horizon of more than 0 months, found {h}"))
+                return err(
+                    "horizon_months".into(),
+                    format!("expected a horizon of more than 0 months, found {h}"),
+                )
             }
             _ => {}
         }
         if let Some(d) = self.days_per_month {
             if !(d > 0.0 && d <= 31.0) {
-                return err("days_per_month".into(), format!("expected a number of days in (0, 31], found {d}"));
+                return err(
+                    "days_per_month".into(),
+                    format!("expected a number of days in (0, 31], found {d}"),
+                );
             }
         }
         for (i, v) in self.volumes.iter().enumerate() {
             if !(v.is_finite() && *v > 0.0) {
-                return err(format!("volumes[{i}]"), format!("expected a daily volume above 0, found {v}"));
+                return err(
+                    format!("volumes[{i}]"),
+                    format!("expected a daily volume above 0, found {v}"),
+                );
             }
         }
         for (i, b) in self.bands.iter().enumerate() {
             if !(b.from > 0.0 && b.to > b.from) {
-                return err(format!("bands[{i}]"), format!("expected 0 < from < to, found from {} to {}", b.from, b.to));
+                return err(
+                    format!("bands[{i}]"),
+                    format!("expected 0 < from < to, found from {} to {}", b.from, b.to),
+                );
             }
         }
         if self.strategies.is_empty() {
-            return err("strategy".into(), "expected at least one [[strategy]], found none".into());
+            return err(
+                "strategy".into(),
+                "expected at least one [[strategy]], found none".into(),
+            );
         }
         for (i, s) in self.strategies.iter().enumerate() {
             let key = |k: &str| format!("strategy[{i}].{k}");
             if self.strategies[..i].iter().any(|o| o.name == s.name) {
-                return err(key("name"), format!("expected a unique name, found `{}` twice", s.name));
+                return err(
+                    key("name"),
+                    format!("expected a unique name, found `{}` twice", s.name),
+                );
             }
             if !STRATEGY_KINDS.contains(&s.kind.as_str()) {
                 return err(
                     key("kind"),
-                    format!("unknown strategy `{}`, expected one of {}", s.kind, STRATEGY_KINDS.join(", ")),
+                    format!(
+                        "unknown strategy `{}`, expected one of {}",
+                        s.kind,
+                        STRATEGY_KINDS.join(", ")
+                    ),
                 );
             }
             for (k, v) in [
@@ -412,7 +481,11 @@ impl CostConfig {
             if let Some(m) = &s.maintenance {
                 nonneg(path, &key("maintenance.cycles_per_year"), m.cycles_per_year)?;
                 nonneg(path, &key("maintenance.hours_per_cycle"), m.hours_per_cycle)?;
-                nonneg(path, &key("maintenance.other_usd_per_year"), m.other_usd_per_year)?;
+                nonneg(
+                    path,
+                    &key("maintenance.other_usd_per_year"),
+                    m.other_usd_per_year,
+                )?;
             }
             self.validate_per_call(path, &key("per_call"), &s.per_call)?;
         }
@@ -458,18 +531,35 @@ impl CostConfig {
                     price(path, &k("usd_per_mtok"), pc.usd_per_mtok, true)?;
                 } else {
                     let d = pc.device.as_deref().ok_or_else(|| {
-                        Error::key(path, k("device"), "missing: self_hosted needs `device` and throughput, or `usd_per_mtok`")
+                        Error::key(
+                            path,
+                            k("device"),
+                            "missing: self_hosted needs `device` and throughput, or `usd_per_mtok`",
+                        )
                     })?;
                     self.need_device(path, &k("device"), d)?;
-                    rate(path, &k("generate_tokens_per_s"), pc.generate_tokens_per_s, true)?;
-                    rate(path, &k("prefill_tokens_per_s"), pc.prefill_tokens_per_s, false)?;
+                    rate(
+                        path,
+                        &k("generate_tokens_per_s"),
+                        pc.generate_tokens_per_s,
+                        true,
+                    )?;
+                    rate(
+                        path,
+                        &k("prefill_tokens_per_s"),
+                        pc.prefill_tokens_per_s,
+                        false,
+                    )?;
                 }
             }
             other => {
                 return Err(Error::key(
                     path,
                     k("mode"),
-                    format!("unknown mode `{other}`, expected one of {}", PER_CALL_MODES.join(", ")),
+                    format!(
+                        "unknown mode `{other}`, expected one of {}",
+                        PER_CALL_MODES.join(", ")
+                    ),
                 ))
             }
         }
@@ -482,7 +572,11 @@ impl CostConfig {
             return Err(Error::key(
                 path,
                 key("check"),
-                format!("unknown check `{}`, expected one of {}", c.check, CLAIM_CHECKS.join(", ")),
+                format!(
+                    "unknown check `{}`, expected one of {}",
+                    c.check,
+                    CLAIM_CHECKS.join(", ")
+                ),
             ));
         }
         for (k, v) in [("strategy", &c.strategy), ("against", &c.against)] {
@@ -495,18 +589,29 @@ impl CostConfig {
         }
         if let Some(h) = c.horizon_months {
             if !(h.is_finite() && h > 0.0) {
-                return Err(Error::key(path, key("horizon_months"), format!("expected a horizon of more than 0 months, found {h}")));
+                return Err(Error::key(
+                    path,
+                    key("horizon_months"),
+                    format!("expected a horizon of more than 0 months, found {h}"),
+                ));
             }
         }
         let need = |k: &str, present: bool| {
             if present {
                 Ok(())
             } else {
-                Err(Error::key(path, key(k), format!("missing: check `{}` needs it", c.check)))
+                Err(Error::key(
+                    path,
+                    key(k),
+                    format!("missing: check `{}` needs it", c.check),
+                ))
             }
         };
         match c.check.as_str() {
-            "formula" => need("expr", c.expr.is_some() || (c.expr_low.is_some() && c.expr_high.is_some()))?,
+            "formula" => need(
+                "expr",
+                c.expr.is_some() || (c.expr_low.is_some() && c.expr_high.is_some()),
+            )?,
             "payback" => {
                 need("strategy", c.strategy.is_some())?;
                 need("against", c.against.is_some())?;
@@ -525,7 +630,14 @@ impl CostConfig {
         if self.strategy(name).is_some() {
             Ok(())
         } else {
-            Err(Error::key(path, key, format!("unknown strategy `{name}`, expected one of {}", self.strategy_names())))
+            Err(Error::key(
+                path,
+                key,
+                format!(
+                    "unknown strategy `{name}`, expected one of {}",
+                    self.strategy_names()
+                ),
+            ))
         }
     }
 
@@ -536,7 +648,9 @@ impl CostConfig {
             Err(Error::key(
                 path,
                 key,
-                format!("missing price: no `prices.device_usd_per_hour.{device}` for device `{device}`"),
+                format!(
+                    "missing price: no `prices.device_usd_per_hour.{device}` for device `{device}`"
+                ),
             ))
         }
     }
@@ -561,9 +675,11 @@ fn show(v: Option<f64>) -> String {
 fn price(path: &Path, key: &str, v: Option<f64>, required: bool) -> Result<()> {
     match v {
         None if required => Err(Error::key(path, key, "missing price")),
-        Some(v) if !(v >= 0.0 && v.is_finite()) => {
-            Err(Error::key(path, key, format!("expected a price >= 0, found {v}")))
-        }
+        Some(v) if !(v >= 0.0 && v.is_finite()) => Err(Error::key(
+            path,
+            key,
+            format!("expected a price >= 0, found {v}"),
+        )),
         _ => Ok(()),
     }
 }
@@ -572,16 +688,26 @@ fn nonneg(path: &Path, key: &str, v: f64) -> Result<()> {
     if v >= 0.0 && v.is_finite() {
         Ok(())
     } else {
-        Err(Error::key(path, key, format!("expected a number >= 0, found {v}")))
+        Err(Error::key(
+            path,
+            key,
+            format!("expected a number >= 0, found {v}"),
+        ))
     }
 }
 
 fn rate(path: &Path, key: &str, v: Option<f64>, required: bool) -> Result<()> {
     match v {
-        None if required => Err(Error::key(path, key, "missing: expected tokens per second above 0")),
-        Some(v) if !(v > 0.0 && v.is_finite()) => {
-            Err(Error::key(path, key, format!("expected tokens per second above 0, found {v}")))
-        }
+        None if required => Err(Error::key(
+            path,
+            key,
+            "missing: expected tokens per second above 0",
+        )),
+        Some(v) if !(v > 0.0 && v.is_finite()) => Err(Error::key(
+            path,
+            key,
+            format!("expected tokens per second above 0, found {v}"),
+        )),
         _ => Ok(()),
     }
 }
@@ -598,7 +724,10 @@ mod tests {
         let cfg = CostConfig::from_toml_str(text, Path::new("t.toml")).unwrap();
         assert_eq!(cfg.device_price("NVIDIA L4"), Some(("l4", 0.8)));
         assert_eq!(cfg.device_price("NVIDIA L40S"), Some(("l40s", 2.0)));
-        assert_eq!(cfg.device_price("NVIDIA H100 80GB HBM3"), Some(("h100", 3.0)));
+        assert_eq!(
+            cfg.device_price("NVIDIA H100 80GB HBM3"),
+            Some(("h100", 3.0))
+        );
         assert_eq!(cfg.device_price("cpu"), None);
     }
 }

@@ -76,11 +76,18 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A bad or missing value of `key` in `path`.
     pub fn key(path: impl Into<PathBuf>, key: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Key { path: path.into(), key: key.into(), msg: msg.into() }
+        Error::Key {
+            path: path.into(),
+            key: key.into(),
+            msg: msg.into(),
+        }
     }
 }

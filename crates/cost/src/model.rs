@@ -80,12 +80,22 @@ pub struct Strategy {
 impl Strategy {
     /// Monthly cost at `daily_calls`, maintenance included or not.
     pub fn monthly(&self, daily_calls: f64, days_per_month: f64, maintenance: bool) -> f64 {
-        let m = if maintenance { self.maintenance_per_year_usd / 12.0 } else { 0.0 };
+        let m = if maintenance {
+            self.maintenance_per_year_usd / 12.0
+        } else {
+            0.0
+        };
         self.monthly_fixed_usd + self.per_call_usd * daily_calls * days_per_month + m
     }
 
     /// Upfront plus `months` of monthly cost.
-    pub fn cumulative(&self, daily_calls: f64, months: f64, days_per_month: f64, maintenance: bool) -> f64 {
+    pub fn cumulative(
+        &self,
+        daily_calls: f64,
+        months: f64,
+        days_per_month: f64,
+        maintenance: bool,
+    ) -> f64 {
         self.upfront.total_usd + months * self.monthly(daily_calls, days_per_month, maintenance)
     }
 }
@@ -119,9 +129,20 @@ impl Model {
 
     /// Resolves a config, replacing assumptions with what `measured` returns for each
     /// strategy.
-    pub fn with_measurements(cfg: &CostConfig, measured: &dyn Fn(&StrategyConfig) -> Measured) -> Self {
-        let strategies = cfg.strategies.iter().map(|s| resolve(cfg, s, &measured(s))).collect();
-        Model { strategies, days_per_month: cfg.days_per_month(), horizon_months: cfg.horizon_months() }
+    pub fn with_measurements(
+        cfg: &CostConfig,
+        measured: &dyn Fn(&StrategyConfig) -> Measured,
+    ) -> Self {
+        let strategies = cfg
+            .strategies
+            .iter()
+            .map(|s| resolve(cfg, s, &measured(s)))
+            .collect();
+        Model {
+            strategies,
+            days_per_month: cfg.days_per_month(),
+            horizon_months: cfg.horizon_months(),
+        }
     }
 
     /// The strategy with this name.
@@ -130,7 +151,13 @@ impl Model {
     }
 
     /// The daily volume at which `a` and `b` cost the same over `months`.
-    pub fn crossover(&self, a: &Strategy, b: &Strategy, months: f64, maintenance: bool) -> Crossover {
+    pub fn crossover(
+        &self,
+        a: &Strategy,
+        b: &Strategy,
+        months: f64,
+        maintenance: bool,
+    ) -> Crossover {
         let d = self.days_per_month;
         // cumulative = fixed_part + slope x V, with slope = months x days x per_call.
         let fixed = |s: &Strategy| s.cumulative(0.0, months, d, maintenance);
@@ -150,7 +177,13 @@ impl Model {
         } else {
             Some((fb - fa) / (sa - sb)).filter(|v| *v > 0.0 && v.is_finite())
         };
-        let cheaper_above = daily_calls.map(|_| if sa < sb { a.name.clone() } else { b.name.clone() });
+        let cheaper_above = daily_calls.map(|_| {
+            if sa < sb {
+                a.name.clone()
+            } else {
+                b.name.clone()
+            }
+        });
         let always_cheaper = if daily_calls.is_none() {
             // No positive crossing: one is cheaper at every volume (or they are equal).
             if fa <= fb && sa <= sb {
@@ -176,11 +209,19 @@ impl Model {
 
     /// Months until `a`'s upfront cost is recovered by its monthly saving over `b` at
     /// `daily_calls`; `None` when `a` saves nothing per month.
-    pub fn payback(&self, a: &Strategy, b: &Strategy, daily_calls: f64, maintenance: bool) -> Payback {
+    pub fn payback(
+        &self,
+        a: &Strategy,
+        b: &Strategy,
+        daily_calls: f64,
+        maintenance: bool,
+    ) -> Payback {
         let d = self.days_per_month;
-        let saving = b.monthly(daily_calls, d, maintenance) - a.monthly(daily_calls, d, maintenance);
+        let saving =
+            b.monthly(daily_calls, d, maintenance) - a.monthly(daily_calls, d, maintenance);
         let months = (saving > 0.0).then(|| a.upfront.total_usd / saving);
-        let incremental = (saving > 0.0).then(|| (a.upfront.total_usd - b.upfront.total_usd).max(0.0) / saving);
+        let incremental =
+            (saving > 0.0).then(|| (a.upfront.total_usd - b.upfront.total_usd).max(0.0) / saving);
         Payback {
             strategy: a.name.clone(),
             against: b.name.clone(),
@@ -198,12 +239,23 @@ impl Model {
     }
 
     /// Strategies ranked by cumulative cost at `daily_calls` over `months`, cheapest first.
-    pub fn ranking(&self, names: &[String], daily_calls: f64, months: f64, maintenance: bool) -> Vec<(String, f64)> {
+    pub fn ranking(
+        &self,
+        names: &[String],
+        daily_calls: f64,
+        months: f64,
+        maintenance: bool,
+    ) -> Vec<(String, f64)> {
         let mut r: Vec<(String, f64)> = self
             .strategies
             .iter()
             .filter(|s| names.is_empty() || names.contains(&s.name))
-            .map(|s| (s.name.clone(), s.cumulative(daily_calls, months, self.days_per_month, maintenance)))
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.cumulative(daily_calls, months, self.days_per_month, maintenance),
+                )
+            })
             .collect();
         r.sort_by(|x, y| x.1.total_cmp(&y.1));
         r
@@ -261,7 +313,12 @@ fn resolve(cfg: &CostConfig, s: &StrategyConfig, measured: &Measured) -> Strateg
     // Training compute: measured device-hours beat assumed ones.
     let training_usd = match (&s.training, &measured.training) {
         (Some(_), Some((hours, device, run))) => {
-            let price = cfg.prices.device_usd_per_hour.get(device).copied().unwrap_or(0.0);
+            let price = cfg
+                .prices
+                .device_usd_per_hour
+                .get(device)
+                .copied()
+                .unwrap_or(0.0);
             inputs.push(Input {
                 name: "training_device_hours".into(),
                 value: *hours,
@@ -272,7 +329,12 @@ fn resolve(cfg: &CostConfig, s: &StrategyConfig, measured: &Measured) -> Strateg
         }
         (Some(t), None) => match (t.usd, &t.device, t.device_hours) {
             (Some(u), _, _) => {
-                inputs.push(Input { name: "training_usd".into(), value: u, unit: cfg.currency.clone(), origin: Origin::Assumed });
+                inputs.push(Input {
+                    name: "training_usd".into(),
+                    value: u,
+                    unit: cfg.currency.clone(),
+                    origin: Origin::Assumed,
+                });
                 u
             }
             (None, Some(d), Some(h)) => {
@@ -282,7 +344,12 @@ fn resolve(cfg: &CostConfig, s: &StrategyConfig, measured: &Measured) -> Strateg
                     unit: format!("device-h ({d})"),
                     origin: Origin::Assumed,
                 });
-                h * cfg.prices.device_usd_per_hour.get(d).copied().unwrap_or(0.0)
+                h * cfg
+                    .prices
+                    .device_usd_per_hour
+                    .get(d)
+                    .copied()
+                    .unwrap_or(0.0)
             }
             _ => 0.0,
         },
@@ -294,7 +361,10 @@ fn resolve(cfg: &CostConfig, s: &StrategyConfig, measured: &Measured) -> Strateg
         data_prep_usd: s.data_prep_usd,
         training_usd,
         other_usd: s.other_upfront_usd,
-        total_usd: s.engineering_hours * rate + s.data_prep_usd + training_usd + s.other_upfront_usd,
+        total_usd: s.engineering_hours * rate
+            + s.data_prep_usd
+            + training_usd
+            + s.other_upfront_usd,
     };
 
     let pc = &s.per_call;
@@ -303,7 +373,13 @@ fn resolve(cfg: &CostConfig, s: &StrategyConfig, measured: &Measured) -> Strateg
             let pin = p.api_input_usd_per_mtok.unwrap_or(0.0);
             let pout = p.api_output_usd_per_mtok.unwrap_or(0.0);
             let c = (pc.prompt_tokens * pin + pc.completion_tokens * pout) / 1e6;
-            (c, format!("({} x {pin} + {} x {pout}) / 1e6", pc.prompt_tokens, pc.completion_tokens))
+            (
+                c,
+                format!(
+                    "({} x {pin} + {} x {pout}) / 1e6",
+                    pc.prompt_tokens, pc.completion_tokens
+                ),
+            )
         }
         "fixed" => {
             let c = pc.usd_per_call.unwrap_or(0.0);
@@ -313,23 +389,43 @@ fn resolve(cfg: &CostConfig, s: &StrategyConfig, measured: &Measured) -> Strateg
             let m = pc.monthly_usd.unwrap_or(0.0);
             let v = pc.at_daily_calls.unwrap_or(1.0);
             let dpm = cfg.days_per_month();
-            (m / (v * dpm), format!("{m} a month / ({v} calls a day x {dpm} days)"))
+            (
+                m / (v * dpm),
+                format!("{m} a month / ({v} calls a day x {dpm} days)"),
+            )
         }
         _ => {
             // self_hosted
             let tokens = pc.prompt_tokens + pc.completion_tokens;
             let (gen, pre, device, origin) = match &measured.serving {
-                Some((g, pre, device, run)) => {
-                    (Some(*g), pre.or(pc.prefill_tokens_per_s), Some(device.clone()), Origin::Measured(run.clone()))
-                }
-                None => (pc.generate_tokens_per_s, pc.prefill_tokens_per_s, pc.device.clone(), Origin::Assumed),
+                Some((g, pre, device, run)) => (
+                    Some(*g),
+                    pre.or(pc.prefill_tokens_per_s),
+                    Some(device.clone()),
+                    Origin::Measured(run.clone()),
+                ),
+                None => (
+                    pc.generate_tokens_per_s,
+                    pc.prefill_tokens_per_s,
+                    pc.device.clone(),
+                    Origin::Assumed,
+                ),
             };
             match (device, gen) {
                 (Some(device), Some(gen)) => {
-                    let price = cfg.prices.device_usd_per_hour.get(&device).copied().unwrap_or(0.0);
+                    let price = cfg
+                        .prices
+                        .device_usd_per_hour
+                        .get(&device)
+                        .copied()
+                        .unwrap_or(0.0);
                     // Without a measured prefill rate, prompt tokens are charged at the
                     // generation rate: an upper bound, never a free prompt.
-                    let prefill_s = if pc.prompt_tokens > 0.0 { pc.prompt_tokens / pre.unwrap_or(gen) } else { 0.0 };
+                    let prefill_s = if pc.prompt_tokens > 0.0 {
+                        pc.prompt_tokens / pre.unwrap_or(gen)
+                    } else {
+                        0.0
+                    };
                     let device_s = pc.completion_tokens / gen + prefill_s;
                     inputs.push(Input {
                         name: "generate_tokens_per_s".into(),
@@ -338,7 +434,12 @@ fn resolve(cfg: &CostConfig, s: &StrategyConfig, measured: &Measured) -> Strateg
                         origin: origin.clone(),
                     });
                     if let Some(r) = pre {
-                        inputs.push(Input { name: "prefill_tokens_per_s".into(), value: r, unit: "tokens/s".into(), origin });
+                        inputs.push(Input {
+                            name: "prefill_tokens_per_s".into(),
+                            value: r,
+                            unit: "tokens/s".into(),
+                            origin,
+                        });
                     }
                     (
                         device_s / 3600.0 * price,
@@ -369,7 +470,11 @@ fn resolve(cfg: &CostConfig, s: &StrategyConfig, measured: &Measured) -> Strateg
     let maintenance_per_year_usd = s
         .maintenance
         .as_ref()
-        .map(|m| m.cycles_per_year * (m.hours_per_cycle * rate + if m.retrain { training_usd } else { 0.0 }) + m.other_usd_per_year)
+        .map(|m| {
+            m.cycles_per_year
+                * (m.hours_per_cycle * rate + if m.retrain { training_usd } else { 0.0 })
+                + m.other_usd_per_year
+        })
         .unwrap_or(0.0);
 
     Strategy {

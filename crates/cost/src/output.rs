@@ -81,7 +81,12 @@ pub struct CostReport {
 
 impl CostReport {
     /// Builds the report of `cfg` (read from `path`), calibrated when `calibration` is given.
-    pub fn build(cfg: &CostConfig, path: &Path, calibration: Option<Calibration>, horizon: Option<f64>) -> Self {
+    pub fn build(
+        cfg: &CostConfig,
+        path: &Path,
+        calibration: Option<Calibration>,
+        horizon: Option<f64>,
+    ) -> Self {
         let mut model = match &calibration {
             Some(c) => c.model(cfg),
             None => Model::new(cfg),
@@ -96,11 +101,21 @@ impl CostReport {
             .into_iter()
             .map(|v| VolumeRow {
                 daily_calls: v,
-                monthly: model.strategies.iter().map(|s| Cost { strategy: s.name.clone(), usd: s.monthly(v, d, true) }).collect(),
+                monthly: model
+                    .strategies
+                    .iter()
+                    .map(|s| Cost {
+                        strategy: s.name.clone(),
+                        usd: s.monthly(v, d, true),
+                    })
+                    .collect(),
                 cumulative: model
                     .strategies
                     .iter()
-                    .map(|s| Cost { strategy: s.name.clone(), usd: s.cumulative(v, h, d, true) })
+                    .map(|s| Cost {
+                        strategy: s.name.clone(),
+                        usd: s.cumulative(v, h, d, true),
+                    })
                     .collect(),
             })
             .collect();
@@ -110,7 +125,10 @@ impl CostReport {
                 crossovers.push(model.crossover(a, b, h, true));
             }
         }
-        let baseline = cfg.baseline.clone().unwrap_or_else(|| model.strategies[0].name.clone());
+        let baseline = cfg
+            .baseline
+            .clone()
+            .unwrap_or_else(|| model.strategies[0].name.clone());
         let mut paybacks = Vec::new();
         if let Some(base) = model.get(&baseline) {
             for s in model.strategies.iter().filter(|s| s.name != baseline) {
@@ -124,7 +142,13 @@ impl CostReport {
             .into_iter()
             .map(|b| {
                 let mid = (b.from * b.to).sqrt();
-                let first = |v: f64| model.ranking(&[], v, h, true).first().map(|x| x.0.clone()).unwrap_or_default();
+                let first = |v: f64| {
+                    model
+                        .ranking(&[], v, h, true)
+                        .first()
+                        .map(|x| x.0.clone())
+                        .unwrap_or_default()
+                };
                 DecisionRow {
                     band: b.label.clone(),
                     from: b.from,
@@ -161,7 +185,11 @@ impl CostReport {
 
     /// The label of a strategy.
     pub fn label(&self, name: &str) -> String {
-        self.strategies.iter().find(|s| s.name == name).map(|s| s.label.clone()).unwrap_or_else(|| name.into())
+        self.strategies
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.label.clone())
+            .unwrap_or_else(|| name.into())
     }
 
     /// The report as terminal text: aligned tables.
@@ -202,7 +230,17 @@ impl CostReport {
                 ]
             })
             .collect();
-        out.push_str(&table(&["strategy", "upfront", "monthly fixed", "per call", "maintenance/yr", "inputs"], &rows));
+        out.push_str(&table(
+            &[
+                "strategy",
+                "upfront",
+                "monthly fixed",
+                "per call",
+                "maintenance/yr",
+                "inputs",
+            ],
+            &rows,
+        ));
 
         let names: Vec<String> = self.strategies.iter().map(|s| s.name.clone()).collect();
         let mut head = vec!["calls/day".to_string()];
@@ -212,18 +250,32 @@ impl CostReport {
         let rows: Vec<Vec<String>> = self
             .volumes
             .iter()
-            .map(|r| std::iter::once(fmt_num(r.daily_calls)).chain(r.monthly.iter().map(|x| fmt_num(x.usd))).collect())
+            .map(|r| {
+                std::iter::once(fmt_num(r.daily_calls))
+                    .chain(r.monthly.iter().map(|x| fmt_num(x.usd)))
+                    .collect()
+            })
             .collect();
         out.push_str(&table(&head, &rows));
-        out.push_str(&format!("\ncumulative cost over {} months (upfront + months x monthly)\n", self.horizon_months));
+        out.push_str(&format!(
+            "\ncumulative cost over {} months (upfront + months x monthly)\n",
+            self.horizon_months
+        ));
         let rows: Vec<Vec<String>> = self
             .volumes
             .iter()
-            .map(|r| std::iter::once(fmt_num(r.daily_calls)).chain(r.cumulative.iter().map(|x| fmt_num(x.usd))).collect())
+            .map(|r| {
+                std::iter::once(fmt_num(r.daily_calls))
+                    .chain(r.cumulative.iter().map(|x| fmt_num(x.usd)))
+                    .collect()
+            })
             .collect();
         out.push_str(&table(&head, &rows));
 
-        out.push_str(&format!("\ncrossovers over {} months\n", self.horizon_months));
+        out.push_str(&format!(
+            "\ncrossovers over {} months\n",
+            self.horizon_months
+        ));
         let rows: Vec<Vec<String>> = self
             .crossovers
             .iter()
@@ -239,7 +291,10 @@ impl CostReport {
         out.push_str(&table(&["pair", "calls/day", ""], &rows));
 
         if !self.paybacks.is_empty() {
-            out.push_str(&format!("\npayback against {} (months of saving to recover the upfront)\n", self.paybacks[0].against));
+            out.push_str(&format!(
+                "\npayback against {} (months of saving to recover the upfront)\n",
+                self.paybacks[0].against
+            ));
             let rows: Vec<Vec<String>> = self
                 .paybacks
                 .iter()
@@ -248,35 +303,61 @@ impl CostReport {
                         p.strategy.clone(),
                         fmt_num(p.daily_calls),
                         fmt_num(p.monthly_saving_usd),
-                        p.months.map(|m| format!("{m:.2}")).unwrap_or_else(|| "never".into()),
+                        p.months
+                            .map(|m| format!("{m:.2}"))
+                            .unwrap_or_else(|| "never".into()),
                     ]
                 })
                 .collect();
-            out.push_str(&table(&["strategy", "calls/day", "saving/month", "months"], &rows));
+            out.push_str(&table(
+                &["strategy", "calls/day", "saving/month", "months"],
+                &rows,
+            ));
         }
 
-        out.push_str(&format!("\ndecision by daily volume (cheapest over {} months)\n", self.horizon_months));
+        out.push_str(&format!(
+            "\ndecision by daily volume (cheapest over {} months)\n",
+            self.horizon_months
+        ));
         let rows: Vec<Vec<String>> = self
             .decision
             .iter()
             .map(|d| {
                 vec![
                     d.band.clone(),
-                    format!("{} / {} / {}", fmt_num(d.from), fmt_num((d.from * d.to).sqrt().round()), fmt_num(d.to)),
+                    format!(
+                        "{} / {} / {}",
+                        fmt_num(d.from),
+                        fmt_num((d.from * d.to).sqrt().round()),
+                        fmt_num(d.to)
+                    ),
                     d.cheapest.join(" / "),
-                    d.ranking_at_middle.iter().map(|c| c.strategy.clone()).collect::<Vec<_>>().join(" < "),
+                    d.ranking_at_middle
+                        .iter()
+                        .map(|c| c.strategy.clone())
+                        .collect::<Vec<_>>()
+                        .join(" < "),
                 ]
             })
             .collect();
-        out.push_str(&table(&["band", "at calls/day", "cheapest", "ranking at middle"], &rows));
+        out.push_str(&table(
+            &["band", "at calls/day", "cheapest", "ranking at middle"],
+            &rows,
+        ));
 
         if !self.claims.is_empty() {
             let (ok, bad): (Vec<_>, Vec<_>) = self.claims.iter().partition(|c| c.follows);
-            out.push_str(&format!("\nclaims that follow from the source's own numbers ({})\n", ok.len()));
+            out.push_str(&format!(
+                "\nclaims that follow from the source's own numbers ({})\n",
+                ok.len()
+            ));
             for c in ok {
                 out.push_str(&claim_text(c));
             }
-            out.push_str(&format!("\nclaims that do not follow from the source's own numbers ({})\n", bad.len()));
+            out.push_str(&format!(
+                "\nclaims that do not follow from the source's own numbers ({})\n",
+                bad.len()
+            ));
             for c in bad {
                 out.push_str(&claim_text(c));
             }
@@ -318,10 +399,19 @@ fn opt(v: Option<f64>) -> String {
 }
 
 fn claim_text(c: &ClaimResult) -> String {
-    let unit = if c.unit.is_empty() { String::new() } else { format!(" {}", c.unit) };
+    let unit = if c.unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", c.unit)
+    };
     let mut s = format!(
         "  [{}] {} {}\n      stated {}{unit}; computed {}{unit}\n      {}\n",
-        c.id, section(&c.section), c.text, c.stated, c.computed, c.arithmetic
+        c.id,
+        section(&c.section),
+        c.text,
+        c.stated,
+        c.computed,
+        c.arithmetic
     );
     if let Some(n) = &c.note {
         s.push_str(&format!("      note: {n}\n"));

@@ -27,10 +27,22 @@ pub struct RunData {
 /// Reads `run.json` and, when present, `metrics.jsonl` of a run folder.
 pub fn read_run(path: &Path) -> Result<RunData> {
     let record = RunRecord::read(&record_path(path))?;
-    let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().map(Path::to_path_buf).unwrap_or_default() };
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
     let mpath = dir.join("metrics.jsonl");
-    let metrics = if mpath.exists() { read_metrics(&mpath)? } else { Vec::new() };
-    Ok(RunData { path: path.to_path_buf(), record, metrics })
+    let metrics = if mpath.exists() {
+        read_metrics(&mpath)?
+    } else {
+        Vec::new()
+    };
+    Ok(RunData {
+        path: path.to_path_buf(),
+        record,
+        metrics,
+    })
 }
 
 fn bytes(b: Option<u64>) -> String {
@@ -42,20 +54,36 @@ fn bytes(b: Option<u64>) -> String {
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn md_table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
     let _ = writeln!(out, "| {} |", head.join(" | "));
-    let _ = writeln!(out, "|{}|", head.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+    let _ = writeln!(
+        out,
+        "|{}|",
+        head.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+    );
     for r in rows {
-        let _ = writeln!(out, "| {} |", r.iter().map(|c| c.replace('|', "\\|")).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(
+            out,
+            "| {} |",
+            r.iter()
+                .map(|c| c.replace('|', "\\|"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
     }
     out.push('\n');
 }
 
 /// Writes `report.md` and its SVG charts into `out_dir`; returns the report's path.
-pub fn write_report(runs: &[RunData], cost: Option<&CostReport>, out_dir: &Path) -> Result<PathBuf> {
+pub fn write_report(
+    runs: &[RunData],
+    cost: Option<&CostReport>,
+    out_dir: &Path,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let mut md = String::new();
     let _ = writeln!(md, "# ftbench report\n");
@@ -83,22 +111,51 @@ pub fn write_report(runs: &[RunData], cost: Option<&CostReport>, out_dir: &Path)
                 format!("{:.1}", x.tokens_per_s),
                 format!("{:.1}", x.wall_s),
                 bytes(x.peak_rss_bytes),
-                format!("{} -> {}", opt(x.heldout_loss_before, 4), opt(x.heldout_loss_after, 4)),
-                format!("{} -> {}", opt(x.gsm8k_exact_match_before, 3), opt(x.gsm8k_exact_match_after, 3)),
-                x.achieved_flops_per_s.map(|f| format!("{:.2}", f / 1e9)).unwrap_or_else(|| "-".into()),
-                x.mfu.map(|m| format!("{:.1}%", m * 100.0)).unwrap_or_else(|| "-".into()),
+                format!(
+                    "{} -> {}",
+                    opt(x.heldout_loss_before, 4),
+                    opt(x.heldout_loss_after, 4)
+                ),
+                format!(
+                    "{} -> {}",
+                    opt(x.gsm8k_exact_match_before, 3),
+                    opt(x.gsm8k_exact_match_after, 3)
+                ),
+                x.achieved_flops_per_s
+                    .map(|f| format!("{:.2}", f / 1e9))
+                    .unwrap_or_else(|| "-".into()),
+                x.mfu
+                    .map(|m| format!("{:.1}%", m * 100.0))
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     md_table(
         &mut md,
-        &["run", "kind", "model", "device", "steps", "tokens", "tokens/s", "wall s", "peak RSS", "held-out loss", "GSM8K EM", "GFLOP/s", "MFU"],
+        &[
+            "run",
+            "kind",
+            "model",
+            "device",
+            "steps",
+            "tokens",
+            "tokens/s",
+            "wall s",
+            "peak RSS",
+            "held-out loss",
+            "GSM8K EM",
+            "GFLOP/s",
+            "MFU",
+        ],
         &rows,
     );
 
     // Loss.
-    let with_metrics: Vec<(String, Vec<MetricsLine>)> =
-        runs.iter().filter(|r| !r.metrics.is_empty()).map(|r| (r.record.run_id.clone(), r.metrics.clone())).collect();
+    let with_metrics: Vec<(String, Vec<MetricsLine>)> = runs
+        .iter()
+        .filter(|r| !r.metrics.is_empty())
+        .map(|r| (r.record.run_id.clone(), r.metrics.clone()))
+        .collect();
     let _ = writeln!(md, "## Loss\n");
     if with_metrics.is_empty() {
         let _ = writeln!(md, "No run has a `metrics.jsonl`.\n");
@@ -109,8 +166,10 @@ pub fn write_report(runs: &[RunData], cost: Option<&CostReport>, out_dir: &Path)
 
     // Throughput and phases.
     let _ = writeln!(md, "## Throughput per phase\n");
-    let phases: Vec<(String, Vec<ftbench_meter::PhaseRecord>)> =
-        runs.iter().map(|r| (r.record.run_id.clone(), r.record.phases.clone())).collect();
+    let phases: Vec<(String, Vec<ftbench_meter::PhaseRecord>)> = runs
+        .iter()
+        .map(|r| (r.record.run_id.clone(), r.record.phases.clone()))
+        .collect();
     if phases.iter().all(|p| p.1.iter().all(|x| x.tokens == 0)) {
         let _ = writeln!(md, "No phase processed tokens.\n");
     } else {
@@ -132,7 +191,11 @@ pub fn write_report(runs: &[RunData], cost: Option<&CostReport>, out_dir: &Path)
                 format!("{:.5}", p.device_hours),
                 fmt_num(p.tokens as f64),
                 format!("{:.2}", p.tokens_per_s),
-                if p.warmup_excluded { format!("{:.2} s, {} tokens", p.warmup_s, p.warmup_tokens) } else { "none marked".into() },
+                if p.warmup_excluded {
+                    format!("{:.2} s, {} tokens", p.warmup_s, p.warmup_tokens)
+                } else {
+                    "none marked".into()
+                },
                 bytes(p.peak_rss_bytes),
                 bytes(p.cuda_peak_bytes),
                 energy,
@@ -141,7 +204,18 @@ pub fn write_report(runs: &[RunData], cost: Option<&CostReport>, out_dir: &Path)
     }
     md_table(
         &mut md,
-        &["run", "phase", "wall s", "device-h", "tokens", "tokens/s", "warm-up excluded", "peak RSS", "CUDA peak", "energy"],
+        &[
+            "run",
+            "phase",
+            "wall s",
+            "device-h",
+            "tokens",
+            "tokens/s",
+            "warm-up excluded",
+            "peak RSS",
+            "CUDA peak",
+            "energy",
+        ],
         &rows,
     );
 
@@ -158,11 +232,22 @@ pub fn write_report(runs: &[RunData], cost: Option<&CostReport>, out_dir: &Path)
                 f.gpu_name.clone().unwrap_or_else(|| "-".into()),
                 f.gpu_driver.clone().unwrap_or_else(|| "-".into()),
                 f.os.clone(),
-                format!("{} {}", f.ftbench_version, f.git_commit.as_deref().map(|c| &c[..c.len().min(10)]).unwrap_or("-")),
+                format!(
+                    "{} {}",
+                    f.ftbench_version,
+                    f.git_commit
+                        .as_deref()
+                        .map(|c| &c[..c.len().min(10)])
+                        .unwrap_or("-")
+                ),
             ]
         })
         .collect();
-    md_table(&mut md, &["run", "CPU", "threads", "GPU", "driver", "OS", "ftbench"], &rows);
+    md_table(
+        &mut md,
+        &["run", "CPU", "threads", "GPU", "driver", "OS", "ftbench"],
+        &rows,
+    );
 
     if let Some(c) = cost {
         write_cost_section(&mut md, c, out_dir)?;
@@ -181,10 +266,24 @@ fn write_cost_section(md: &mut String, c: &CostReport, out_dir: &Path) -> Result
         c.config, c.name, c.prices_taken, c.days_per_month, c.horizon_months
     );
     chart::crossover_chart(&out_dir.join("crossover.svg"), c)?;
-    let _ = writeln!(md, "![monthly cost by daily calls, crossovers marked](crossover.svg)\n");
-    let changes = chart::envelope_changes(c, 1e3, c.volumes.iter().map(|v| v.daily_calls).fold(1e4, f64::max));
+    let _ = writeln!(
+        md,
+        "![monthly cost by daily calls, crossovers marked](crossover.svg)\n"
+    );
+    let changes = chart::envelope_changes(
+        c,
+        1e3,
+        c.volumes.iter().map(|v| v.daily_calls).fold(1e4, f64::max),
+    );
     for (k, (v, _, from, to)) in changes.iter().enumerate() {
-        let _ = writeln!(md, "{}. at {} calls a day the cheapest strategy changes from {} to {}", k + 1, fmt_num(v.round()), c.label(from), c.label(to));
+        let _ = writeln!(
+            md,
+            "{}. at {} calls a day the cheapest strategy changes from {} to {}",
+            k + 1,
+            fmt_num(v.round()),
+            c.label(from),
+            c.label(to)
+        );
     }
     md.push('\n');
 
@@ -213,21 +312,53 @@ fn write_cost_section(md: &mut String, c: &CostReport, out_dir: &Path) -> Result
             ]
         })
         .collect();
-    md_table(md, &["strategy", "upfront", "monthly fixed", "per call", "maintenance / year", "inputs"], &rows);
+    md_table(
+        md,
+        &[
+            "strategy",
+            "upfront",
+            "monthly fixed",
+            "per call",
+            "maintenance / year",
+            "inputs",
+        ],
+        &rows,
+    );
 
-    let _ = writeln!(md, "### Decision by daily volume (cheapest over {} months)\n", c.horizon_months);
+    let _ = writeln!(
+        md,
+        "### Decision by daily volume (cheapest over {} months)\n",
+        c.horizon_months
+    );
     let rows: Vec<Vec<String>> = c
         .decision
         .iter()
         .map(|d| {
             vec![
                 d.band.clone(),
-                format!("{} / {} / {}", c.label(&d.cheapest[0]), c.label(&d.cheapest[1]), c.label(&d.cheapest[2])),
-                d.ranking_at_middle.iter().map(|x| format!("{} {}", x.strategy, fmt_num(x.usd.round()))).collect::<Vec<_>>().join(" < "),
+                format!(
+                    "{} / {} / {}",
+                    c.label(&d.cheapest[0]),
+                    c.label(&d.cheapest[1]),
+                    c.label(&d.cheapest[2])
+                ),
+                d.ranking_at_middle
+                    .iter()
+                    .map(|x| format!("{} {}", x.strategy, fmt_num(x.usd.round())))
+                    .collect::<Vec<_>>()
+                    .join(" < "),
             ]
         })
         .collect();
-    md_table(md, &["daily calls", "cheapest at low edge / middle / high edge", "cumulative cost at the middle"], &rows);
+    md_table(
+        md,
+        &[
+            "daily calls",
+            "cheapest at low edge / middle / high edge",
+            "cumulative cost at the middle",
+        ],
+        &rows,
+    );
 
     if !c.claims.is_empty() {
         let _ = writeln!(md, "### Claims checked against the source's own numbers\n");
@@ -240,12 +371,27 @@ fn write_cost_section(md: &mut String, c: &CostReport, out_dir: &Path) -> Result
                     x.text.clone(),
                     format!("{} {}", x.stated, x.unit),
                     format!("{} {}", x.computed, x.unit),
-                    if x.follows { "follows".into() } else { "**does not follow**".into() },
+                    if x.follows {
+                        "follows".into()
+                    } else {
+                        "**does not follow**".into()
+                    },
                     x.arithmetic.clone(),
                 ]
             })
             .collect();
-        md_table(md, &["section", "claim", "stated", "computed", "verdict", "arithmetic"], &rows);
+        md_table(
+            md,
+            &[
+                "section",
+                "claim",
+                "stated",
+                "computed",
+                "verdict",
+                "arithmetic",
+            ],
+            &rows,
+        );
     }
     if let Some(cal) = &c.calibration {
         let _ = writeln!(md, "### Calibration\n");

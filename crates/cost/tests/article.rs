@@ -7,11 +7,20 @@ use ftbench_cost::cli::{cost_report, CostArgs};
 use ftbench_cost::{ClaimResult, CostReport};
 
 fn report() -> CostReport {
-    cost_report(&CostArgs { config: common::article_config(), calibrate: vec![], horizon: None, json: false }).unwrap()
+    cost_report(&CostArgs {
+        config: common::article_config(),
+        calibrate: vec![],
+        horizon: None,
+        json: false,
+    })
+    .unwrap()
 }
 
 fn claim<'a>(r: &'a CostReport, id: &str) -> &'a ClaimResult {
-    r.claims.iter().find(|c| c.id == id).unwrap_or_else(|| panic!("no claim {id}"))
+    r.claims
+        .iter()
+        .find(|c| c.id == id)
+        .unwrap_or_else(|| panic!("no claim {id}"))
 }
 
 fn num(c: &ClaimResult) -> f64 {
@@ -78,7 +87,11 @@ fn crossovers_of_the_abstract_and_conclusion() {
     // LoRA vs prompt over 12 months of 30 days, maintenance left out like table 3.1:
     // (8,000 - 5,000) / (12 x 30 x (0.0015 - 0.0006)) = 3,000 / 0.324 = 9,259.26 a day.
     let parity = 3000.0 / (12.0 * 30.0 * 0.0009);
-    for id in ["lora-parity-50k", "prompt-optimal-below-10k", "lora-rational-50k-100k"] {
+    for id in [
+        "lora-parity-50k",
+        "prompt-optimal-below-10k",
+        "lora-rational-50k-100k",
+    ] {
         assert!(close(num(claim(&r, id)), parity), "{id}");
     }
     // "Parity at about 50,000" and "rational between 50,000 and 100,000" do not follow;
@@ -120,7 +133,12 @@ fn other_claims_that_do_not_follow() {
 #[test]
 fn verdicts_are_stable() {
     let r = report();
-    let follows: Vec<&str> = r.claims.iter().filter(|c| c.follows).map(|c| c.id.as_str()).collect();
+    let follows: Vec<&str> = r
+        .claims
+        .iter()
+        .filter(|c| c.follows)
+        .map(|c| c.id.as_str())
+        .collect();
     assert_eq!(
         follows,
         [
@@ -147,6 +165,10 @@ fn json_output_is_machine_readable() {
     let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
     assert_eq!(v["horizon_months"], 12.0);
     assert_eq!(v["strategies"].as_array().unwrap().len(), 6);
-    assert!(v["crossovers"].as_array().unwrap().iter().any(|x| x["a"] == "prompt" && x["b"] == "lora"));
+    assert!(v["crossovers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["a"] == "prompt" && x["b"] == "lora"));
     assert_eq!(v["decision"].as_array().unwrap().len(), 3);
 }

@@ -9,12 +9,21 @@ use ftbench_cost::model::Origin;
 fn calibration_replaces_assumptions_and_says_which() {
     let tmp = tempfile::tempdir().unwrap();
     let run = common::write_fixture_run(tmp.path(), "fixture-lora");
-    let r = cost_report(&CostArgs { config: common::article_config(), calibrate: vec![run.clone()], horizon: None, json: true })
-        .unwrap();
+    let r = cost_report(&CostArgs {
+        config: common::article_config(),
+        calibrate: vec![run.clone()],
+        horizon: None,
+        json: true,
+    })
+    .unwrap();
     let lora = r.strategies.iter().find(|s| s.name == "lora").unwrap();
     // Training: the run's 280 s train phase = 0.07778 device-h x $0.10 (cpu) = $0.00778,
     // replacing the article's assumed $1,500.
-    let t = lora.inputs.iter().find(|i| i.name == "training_device_hours").unwrap();
+    let t = lora
+        .inputs
+        .iter()
+        .find(|i| i.name == "training_device_hours")
+        .unwrap();
     assert!((t.value - 280.0 / 3600.0).abs() < 1e-12);
     assert_eq!(t.origin, Origin::Measured(run.display().to_string()));
     assert!((lora.upfront.training_usd - 280.0 / 3600.0 * 0.10).abs() < 1e-12);
@@ -24,15 +33,31 @@ fn calibration_replaces_assumptions_and_says_which() {
     // ... but its self-hosted serving is measured: 240 prompt tokens at the eval phase's
     // 600 tokens/s = 0.4 device-s x $0.10 / 3600 = $0.0000111 a call.
     assert!((q.per_call_usd - 0.4 * 0.10 / 3600.0).abs() < 1e-15);
-    assert!(q.inputs.iter().any(|i| i.name == "generate_tokens_per_s" && i.value == 12.5 && matches!(i.origin, Origin::Measured(_))));
+    assert!(q.inputs.iter().any(|i| i.name == "generate_tokens_per_s"
+        && i.value == 12.5
+        && matches!(i.origin, Origin::Measured(_))));
     let cal = r.calibration.as_ref().unwrap();
-    assert!(cal.applied.iter().any(|a| a.starts_with("lora.training_device_hours = 0.0778 on cpu (measured: ")));
-    assert!(cal.not_applied.iter().any(|a| a.starts_with("qlora.training: assumed")));
+    assert!(cal
+        .applied
+        .iter()
+        .any(|a| a.starts_with("lora.training_device_hours = 0.0778 on cpu (measured: ")));
+    assert!(cal
+        .not_applied
+        .iter()
+        .any(|a| a.starts_with("qlora.training: assumed")));
     // Energy was absent in the fixture, and the record says why: never zero.
     assert_eq!(cal.runs[0].train_energy_joules, None);
-    assert!(cal.runs[0].energy_note.as_deref().unwrap().contains("no powercap zones"));
+    assert!(cal.runs[0]
+        .energy_note
+        .as_deref()
+        .unwrap()
+        .contains("no powercap zones"));
     // Claims stay about the article's own numbers: 8,000 / 2,700 months, not recalibrated.
-    let c = r.claims.iter().find(|c| c.id == "lora-payback-100k").unwrap();
+    let c = r
+        .claims
+        .iter()
+        .find(|c| c.id == "lora-payback-100k")
+        .unwrap();
     assert!((c.computed_value.as_f64().unwrap() - 8000.0 / 2700.0).abs() < 1e-9);
     let text = r.to_text();
     assert!(text.contains("measured: lora.training_device_hours"));
@@ -48,7 +73,13 @@ fn training_tokens_scale_measured_throughput() {
         "training = { device = \"cpu\", device_hours = 10, tokens = 5400000 }",
     );
     let cfg = common::write_config(tmp.path(), "c.toml", &text);
-    let r = cost_report(&CostArgs { config: cfg, calibrate: vec![run], horizon: None, json: false }).unwrap();
+    let r = cost_report(&CostArgs {
+        config: cfg,
+        calibrate: vec![run],
+        horizon: None,
+        json: false,
+    })
+    .unwrap();
     let lora = r.strategies.iter().find(|s| s.name == "lora").unwrap();
     // 5,400,000 tokens / 150 tokens/s = 36,000 s = 10 device-h x $0.10 = $1.
     assert!((lora.upfront.training_usd - 1.0).abs() < 1e-9);
@@ -71,13 +102,37 @@ fn report_writes_markdown_and_readable_svgs() {
     })
     .unwrap();
     let text = std::fs::read_to_string(&md).unwrap();
-    for needle in ["## Runs", "![training loss by step](loss.svg)", "## Throughput per phase", "## Cost", "**measured**", "does not follow"] {
+    for needle in [
+        "## Runs",
+        "![training loss by step](loss.svg)",
+        "## Throughput per phase",
+        "## Cost",
+        "**measured**",
+        "does not follow",
+    ] {
         assert!(text.contains(needle), "report lacks {needle}");
     }
     for (svg, labels) in [
-        ("loss.svg", &["optimizer step", "loss (nats per completion token)", "held-out loss"][..]),
-        ("throughput.svg", &["tokens per second", "phase", "fixture-a"][..]),
-        ("crossover.svg", &["daily calls (log scale)", "cost per month, USD (log scale)", "Prompt engineering"][..]),
+        (
+            "loss.svg",
+            &[
+                "optimizer step",
+                "loss (nats per completion token)",
+                "held-out loss",
+            ][..],
+        ),
+        (
+            "throughput.svg",
+            &["tokens per second", "phase", "fixture-a"][..],
+        ),
+        (
+            "crossover.svg",
+            &[
+                "daily calls (log scale)",
+                "cost per month, USD (log scale)",
+                "Prompt engineering",
+            ][..],
+        ),
     ] {
         let s = std::fs::read_to_string(out.join(svg)).unwrap();
         assert!(s.starts_with("<svg"), "{svg}");
@@ -95,10 +150,20 @@ fn crossover_chart_renders_to_png() {
     let tmp = tempfile::tempdir().unwrap();
     let run = common::write_fixture_run(tmp.path(), "fixture");
     let out = tmp.path().join("report");
-    run_report(&ReportArgs { runs: vec![run], cost: Some(common::article_config()), assumed_only: true, horizon: None, out: out.clone() })
-        .unwrap();
+    run_report(&ReportArgs {
+        runs: vec![run],
+        cost: Some(common::article_config()),
+        assumed_only: true,
+        horizon: None,
+        out: out.clone(),
+    })
+    .unwrap();
     let png = out.join("crossover.png");
-    let status = std::process::Command::new("rsvg-convert").arg("-o").arg(&png).arg(out.join("crossover.svg")).status();
+    let status = std::process::Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(&png)
+        .arg(out.join("crossover.svg"))
+        .status();
     match status {
         Ok(s) if s.success() => {
             let bytes = std::fs::read(&png).unwrap();
@@ -112,7 +177,9 @@ fn crossover_chart_renders_to_png() {
             }
         }
         Ok(s) => panic!("rsvg-convert failed on crossover.svg: {s}"),
-        Err(e) => println!("skipped: rsvg-convert not available ({e}); install librsvg2-bin to render the chart"),
+        Err(e) => println!(
+            "skipped: rsvg-convert not available ({e}); install librsvg2-bin to render the chart"
+        ),
     }
 }
 
@@ -124,23 +191,41 @@ fn runs_without_a_generate_phase_leave_serving_assumed() {
     let mut rec = ftbench_meter::RunRecord::read(&rec_path).unwrap();
     rec.phases.retain(|p| p.name != "generate");
     rec.write_atomic(&rec_path).unwrap();
-    let r = cost_report(&CostArgs { config: common::article_config(), calibrate: vec![run.clone()], horizon: None, json: false })
-        .unwrap();
+    let r = cost_report(&CostArgs {
+        config: common::article_config(),
+        calibrate: vec![run.clone()],
+        horizon: None,
+        json: false,
+    })
+    .unwrap();
     let q = r.strategies.iter().find(|s| s.name == "qlora").unwrap();
     // 240 tokens x $2.00 per million, as assumed.
     assert!((q.per_call_usd - 240.0 * 2.0 / 1e6).abs() < 1e-15);
     let cal = r.calibration.unwrap();
-    assert!(cal.not_applied.contains(&"qlora.per_call: assumed (no run with a generate phase)".to_string()));
+    assert!(cal
+        .not_applied
+        .contains(&"qlora.per_call: assumed (no run with a generate phase)".to_string()));
 
     // An eval-only record has nothing to calibrate from: an error for `cost`, skipped
     // (and said so) by `report`.
     rec.kind = ftbench_meter::RunKind::Eval;
     rec.phases.retain(|p| p.name != "train");
     rec.write_atomic(&rec_path).unwrap();
-    let e = cost_report(&CostArgs { config: common::article_config(), calibrate: vec![run.clone()], horizon: None, json: false })
-        .unwrap_err()
-        .to_string();
-    assert_eq!(e, format!("{}: no `train` phase and no `generate` phase with tokens: nothing to calibrate from", rec_path.display()));
+    let e = cost_report(&CostArgs {
+        config: common::article_config(),
+        calibrate: vec![run.clone()],
+        horizon: None,
+        json: false,
+    })
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}: no `train` phase and no `generate` phase with tokens: nothing to calibrate from",
+            rec_path.display()
+        )
+    );
     let md = run_report(&ReportArgs {
         runs: vec![run],
         cost: Some(common::article_config()),
@@ -149,5 +234,7 @@ fn runs_without_a_generate_phase_leave_serving_assumed() {
         out: tmp.path().join("out"),
     })
     .unwrap();
-    assert!(std::fs::read_to_string(md).unwrap().contains("nothing to calibrate from"));
+    assert!(std::fs::read_to_string(md)
+        .unwrap()
+        .contains("nothing to calibrate from"));
 }

@@ -25,7 +25,10 @@ fn upfront_per_call_crossover_and_payback_by_hand() {
     // (2,001 - 1,000) / (12 x 30 x (0.0025 - 0.000194444)) = 1,001 / 0.83 = 1,206.02 calls a day.
     let x = m.crossover(prompt, lora, 12.0, true);
     let v = x.daily_calls.unwrap();
-    assert!((v - 1001.0 / (360.0 * (0.0025 - 0.7 / 3600.0))).abs() < 1e-6, "{v}");
+    assert!(
+        (v - 1001.0 / (360.0 * (0.0025 - 0.7 / 3600.0))).abs() < 1e-6,
+        "{v}"
+    );
     assert!((v - 1206.02).abs() < 0.01, "{v}");
     assert_eq!(x.cheaper_above.as_deref(), Some("lora"));
 

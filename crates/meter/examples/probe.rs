@@ -9,10 +9,16 @@ fn main() {
     let meter = ftbench_meter::EnergyMeter::start();
     std::thread::sleep(std::time::Duration::from_secs(2));
     let readings = meter.finish();
-    println!("energy over 2 s: {}", serde_json::to_string(&readings).unwrap());
+    println!(
+        "energy over 2 s: {}",
+        serde_json::to_string(&readings).unwrap()
+    );
     if let Some(gpu) = &fp.gpu_name {
         for dtype in ["bf16", "f32"] {
-            println!("peak {gpu} {dtype}: {:?} TFLOP/s", ftbench_meter::peak_tflops(gpu, dtype, None));
+            println!(
+                "peak {gpu} {dtype}: {:?} TFLOP/s",
+                ftbench_meter::peak_tflops(gpu, dtype, None)
+            );
         }
     }
     println!("peak rss: {:?} bytes", ftbench_meter::peak_rss_bytes());

@@ -27,7 +27,11 @@ pub struct EnergyReading {
 
 impl EnergyReading {
     fn absent(source: impl Into<String>, note: impl Into<String>) -> Self {
-        EnergyReading { source: source.into(), joules: None, note: Some(note.into()) }
+        EnergyReading {
+            source: source.into(),
+            joules: None,
+            note: Some(note.into()),
+        }
     }
 }
 
@@ -134,7 +138,10 @@ impl EnergyMeter {
         #[cfg(feature = "nvml")]
         out.extend(self.nvml.finish());
         #[cfg(not(feature = "nvml"))]
-        out.push(EnergyReading::absent("nvml", "built without the `nvml` cargo feature"));
+        out.push(EnergyReading::absent(
+            "nvml",
+            "built without the `nvml` cargo feature",
+        ));
         out
     }
 }
@@ -151,9 +158,13 @@ pub(crate) fn rapl_delta(before: u64, after: u64, max_range_uj: u64) -> u64 {
 
 fn read_u64(path: &Path) -> std::result::Result<u64, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    text.trim()
-        .parse()
-        .map_err(|_| format!("{}: expected an integer, found {:?}", path.display(), text.trim()))
+    text.trim().parse().map_err(|_| {
+        format!(
+            "{}: expected an integer, found {:?}",
+            path.display(),
+            text.trim()
+        )
+    })
 }
 
 /// Top-level RAPL zones (`intel-rapl:0`, `intel-rapl:1`, ...): one per CPU package.
@@ -163,7 +174,10 @@ fn open_rapl(root: &Path) -> (Vec<RaplZone>, Option<String>) {
     let entries = match std::fs::read_dir(root) {
         Ok(e) => e,
         Err(_) => {
-            return (Vec::new(), Some(format!("no powercap zones under {}", root.display())))
+            return (
+                Vec::new(),
+                Some(format!("no powercap zones under {}", root.display())),
+            )
         }
     };
     let mut dirs: Vec<PathBuf> = entries
@@ -177,7 +191,13 @@ fn open_rapl(root: &Path) -> (Vec<RaplZone>, Option<String>) {
         .collect();
     dirs.sort();
     if dirs.is_empty() {
-        return (Vec::new(), Some(format!("no intel-rapl package zones under {}", root.display())));
+        return (
+            Vec::new(),
+            Some(format!(
+                "no intel-rapl package zones under {}",
+                root.display()
+            )),
+        );
     }
     let zones = dirs
         .into_iter()
@@ -234,7 +254,10 @@ mod nvml_source {
 
     impl std::fmt::Debug for NvmlSource {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("NvmlSource").field("gpus", &self.gpus).field("absent", &self.absent).finish()
+            f.debug_struct("NvmlSource")
+                .field("gpus", &self.gpus)
+                .field("absent", &self.absent)
+                .finish()
         }
     }
 
@@ -243,7 +266,11 @@ mod nvml_source {
             let nvml = match Nvml::init() {
                 Ok(n) => n,
                 Err(e) => {
-                    return NvmlSource { nvml: None, gpus: Vec::new(), absent: Some(format!("nvml init: {e}")) }
+                    return NvmlSource {
+                        nvml: None,
+                        gpus: Vec::new(),
+                        absent: Some(format!("nvml init: {e}")),
+                    }
                 }
             };
             let count = nvml.device_count().unwrap_or(0);
@@ -254,13 +281,27 @@ mod nvml_source {
                         .and_then(|d| d.total_energy_consumption())
                         .map_err(|e| format!("total energy counter: {e}"));
                     match first {
-                        Ok(last_mj) => Gpu { index, last_mj, accumulated_mj: 0, error: None },
-                        Err(e) => Gpu { index, last_mj: 0, accumulated_mj: 0, error: Some(e) },
+                        Ok(last_mj) => Gpu {
+                            index,
+                            last_mj,
+                            accumulated_mj: 0,
+                            error: None,
+                        },
+                        Err(e) => Gpu {
+                            index,
+                            last_mj: 0,
+                            accumulated_mj: 0,
+                            error: Some(e),
+                        },
                     }
                 })
                 .collect::<Vec<_>>();
             let absent = gpus.is_empty().then(|| "nvml reports no gpu".to_string());
-            NvmlSource { nvml: Some(nvml), gpus, absent }
+            NvmlSource {
+                nvml: Some(nvml),
+                gpus,
+                absent,
+            }
         }
 
         pub(super) fn sample(&mut self) {
@@ -269,7 +310,10 @@ mod nvml_source {
                 if gpu.error.is_some() {
                     continue;
                 }
-                match nvml.device_by_index(gpu.index).and_then(|d| d.total_energy_consumption()) {
+                match nvml
+                    .device_by_index(gpu.index)
+                    .and_then(|d| d.total_energy_consumption())
+                {
                     Ok(now) => {
                         // The counter is 64-bit and only resets with the driver.
                         gpu.accumulated_mj += now.saturating_sub(gpu.last_mj);
@@ -290,7 +334,11 @@ mod nvml_source {
                     let source = format!("nvml:gpu{}", g.index);
                     match &g.error {
                         Some(e) => EnergyReading::absent(source, e.clone()),
-                        None => EnergyReading { source, joules: Some(g.accumulated_mj as f64 * 1e-3), note: None },
+                        None => EnergyReading {
+                            source,
+                            joules: Some(g.accumulated_mj as f64 * 1e-3),
+                            note: None,
+                        },
                     }
                 })
                 .collect()
@@ -321,9 +369,21 @@ mod tests {
     fn fake_powercap_tree_with_wraparound() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        zone(root, "intel-rapl:0", "package-0", 262_000_000_000, 262_143_328_850);
+        zone(
+            root,
+            "intel-rapl:0",
+            "package-0",
+            262_000_000_000,
+            262_143_328_850,
+        );
         zone(root, "intel-rapl:0:0", "core", 5, 1_000); // sub-zone: must be skipped
-        zone(root, "intel-rapl:1", "package-1", 1_000_000, 262_143_328_850);
+        zone(
+            root,
+            "intel-rapl:1",
+            "package-1",
+            1_000_000,
+            262_143_328_850,
+        );
         let mut meter = EnergyMeter::start_with_powercap_root(root);
         // package-0 wraps: 262_143_328_850 - 262_000_000_000 = 143_328_850 uJ, plus 1_671_150
         // after the wrap = 145_000_000 uJ = 145 J. package-1: 3_000_000 - 1_000_000 = 2 J.
@@ -353,11 +413,16 @@ mod tests {
         zone(root, "intel-rapl:0", "package-0", 10, 1000);
         std::fs::write(root.join("intel-rapl:0/energy_uj"), "garbage").unwrap();
         let readings = EnergyMeter::start_with_powercap_root(root).finish();
-        let p0 = readings.iter().find(|r| r.source == "rapl:package-0").unwrap();
+        let p0 = readings
+            .iter()
+            .find(|r| r.source == "rapl:package-0")
+            .unwrap();
         assert_eq!(p0.joules, None);
         assert!(p0.note.as_deref().unwrap().contains("expected an integer"));
         #[cfg(not(feature = "nvml"))]
-        assert!(readings.iter().any(|r| r.source == "nvml" && r.joules.is_none()));
+        assert!(readings
+            .iter()
+            .any(|r| r.source == "nvml" && r.joules.is_none()));
         assert_eq!(total_joules(&readings), None);
     }
 }

@@ -38,7 +38,9 @@ impl Fingerprint {
         };
         Fingerprint {
             cpu_model: cpu_model(&cpuinfo).unwrap_or_else(|| "unknown".into()),
-            cpu_cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            cpu_cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             threads_used,
             gpu_name,
             gpu_driver,
@@ -98,7 +100,8 @@ fn detect_gpu_procfs() -> (Option<String>, Option<String>) {
         .and_then(|e| e.ok())
         .and_then(|e| std::fs::read_to_string(e.path().join("information")).ok())
         .and_then(|t| {
-            t.lines().find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string()))
+            t.lines()
+                .find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string()))
         });
     (name, driver)
 }
@@ -176,7 +179,11 @@ mod tests {
         std::fs::create_dir_all(git.join("refs/heads")).unwrap();
         std::fs::create_dir_all(root.join("a/b")).unwrap();
         std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n").unwrap();
-        std::fs::write(git.join("packed-refs"), format!("# pack-refs\n{HASH} refs/heads/main\n")).unwrap();
+        std::fs::write(
+            git.join("packed-refs"),
+            format!("# pack-refs\n{HASH} refs/heads/main\n"),
+        )
+        .unwrap();
         assert_eq!(git_commit(&root.join("a/b")).as_deref(), Some(HASH));
         let loose = "fedcba9876543210fedcba9876543210fedcba98";
         std::fs::write(git.join("refs/heads/main"), format!("{loose}\n")).unwrap();
@@ -187,7 +194,10 @@ mod tests {
 
     #[test]
     fn parses_cpu_and_driver() {
-        assert_eq!(cpu_model("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\n").as_deref(), Some("Intel(R) Xeon(R)"));
+        assert_eq!(
+            cpu_model("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\n").as_deref(),
+            Some("Intel(R) Xeon(R)")
+        );
         let v = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n";
         assert_eq!(nvidia_driver_version(v).as_deref(), Some("550.54.15"));
     }

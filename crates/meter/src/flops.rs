@@ -20,8 +20,15 @@
 use serde::{Deserialize, Serialize};
 
 /// The canonical names of the seven linear projections of a decoder layer.
-pub const LINEAR_MODULES: [&str; 7] =
-    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const LINEAR_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// The shape of a decoder-only transformer, with Hugging Face config key names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,18 +72,27 @@ impl ModelShape {
     /// num_attention_heads`; the MLP is taken as gated (every Llama, Qwen, Mistral and
     /// Gemma model is).
     pub fn from_hf_config(config: &serde_json::Value) -> Result<Self, ShapeError> {
-        let c = config.get("text_config").filter(|v| v.is_object()).unwrap_or(config);
+        let c = config
+            .get("text_config")
+            .filter(|v| v.is_object())
+            .unwrap_or(config);
         let get = |key: &str| -> Result<Option<usize>, ShapeError> {
             match c.get(key) {
                 None | Some(serde_json::Value::Null) => Ok(None),
                 Some(v) => match v.as_u64() {
                     Some(n) if n > 0 => Ok(Some(n as usize)),
-                    _ => Err(ShapeError::BadKey { key: key.into(), found: v.to_string() }),
+                    _ => Err(ShapeError::BadKey {
+                        key: key.into(),
+                        found: v.to_string(),
+                    }),
                 },
             }
         };
         let need = |key: &str| -> Result<usize, ShapeError> {
-            get(key)?.ok_or_else(|| ShapeError::BadKey { key: key.into(), found: "nothing".into() })
+            get(key)?.ok_or_else(|| ShapeError::BadKey {
+                key: key.into(),
+                found: "nothing".into(),
+            })
         };
         let hidden_size = need("hidden_size")?;
         let num_attention_heads = need("num_attention_heads")?;
@@ -144,7 +160,10 @@ pub struct LoraShape {
 impl LoraShape {
     /// Adapters on all seven linear modules of every layer.
     pub fn all_linear(rank: usize) -> Self {
-        LoraShape { rank, target_modules: LINEAR_MODULES.iter().map(|s| s.to_string()).collect() }
+        LoraShape {
+            rank,
+            target_modules: LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     /// The canonical modules this shape adapts, without duplicates, in canonical order.
@@ -243,7 +262,11 @@ fn attention_flops(shape: &ModelShape, positions: f64) -> f64 {
 /// FLOPs per training token for sequences of `seq_len` tokens (causal mask: on average
 /// `(seq_len + 1) / 2` attended positions per token). With [`Trainable::None`] only the
 /// forward pass is counted.
-pub fn training_flops_per_token(shape: &ModelShape, seq_len: usize, trainable: &Trainable) -> FlopCount {
+pub fn training_flops_per_token(
+    shape: &ModelShape,
+    seq_len: usize,
+    trainable: &Trainable,
+) -> FlopCount {
     let linear = shape.linear_params() as f64;
     let head = shape.lm_head_params() as f64;
     let avg_context = (seq_len as f64 + 1.0) / 2.0;
@@ -314,7 +337,10 @@ mod tests {
         // LoRA r=1 on q (4+4=8) and v (4+2=6): 14 per layer, 28 in all
         // lora_forward = 2 * 28 = 56; lora_backward = 4 * 28 = 112
         // total = 576 + 80 + 64 + 656 + 128 + 0 + 56 + 112  = 1672
-        let lora = LoraShape { rank: 1, target_modules: vec!["q_proj".into(), "self_attn.v_proj".into()] };
+        let lora = LoraShape {
+            rank: 1,
+            target_modules: vec!["q_proj".into(), "self_attn.v_proj".into()],
+        };
         let c = training_flops_per_token(&tiny(), 3, &Trainable::Lora(lora.clone()));
         assert_eq!(lora.params(&tiny()), 28);
         assert_eq!(c.forward_linear, 576.0);
@@ -336,7 +362,10 @@ mod tests {
         assert_eq!(c.backward_weight_grad, 656.0);
         assert_eq!(c.total, 2160.0);
         // Forward only, the same sequence: 576 + 80 + 64 = 720.
-        assert_eq!(training_flops_per_token(&tiny(), 3, &Trainable::None).total, 720.0);
+        assert_eq!(
+            training_flops_per_token(&tiny(), 3, &Trainable::None).total,
+            720.0
+        );
         // One generated token with 5 cached positions: attention per layer
         // 2 * 2 * 4 * 5 = 80, x2 = 160; total 576 + 80 + 160 = 816.
         let g = inference_flops_per_token(&tiny(), 5);
@@ -350,14 +379,23 @@ mod tests {
         let s = tiny();
         let c = training_flops_per_token(&s, 1, &Trainable::Full);
         let n = (s.linear_params() + s.lm_head_params()) as f64;
-        assert_eq!(c.total - c.forward_attention - c.backward_attention, 6.0 * n);
+        assert_eq!(
+            c.total - c.forward_attention - c.backward_attention,
+            6.0 * n
+        );
     }
 
     #[test]
     fn targets_and_hf_config() {
-        let l = LoraShape { rank: 2, target_modules: vec!["all-linear".into()] };
+        let l = LoraShape {
+            rank: 2,
+            target_modules: vec!["all-linear".into()],
+        };
         assert_eq!(l.canonical_targets().len(), 7);
-        let l = LoraShape { rank: 2, target_modules: vec!["q_proj".into(), "qproj".into()] };
+        let l = LoraShape {
+            rank: 2,
+            target_modules: vec!["q_proj".into(), "qproj".into()],
+        };
         assert_eq!(l.unknown_targets(), vec!["qproj"]);
         // An ungated MLP has no gate_proj.
         let mut s = tiny();
@@ -386,6 +424,9 @@ mod tests {
         assert_eq!(c.total, 1_123_373_056.0);
         let bad = serde_json::json!({"hidden_size": "640"});
         let e = ModelShape::from_hf_config(&bad).unwrap_err().to_string();
-        assert_eq!(e, "config key `hidden_size`: expected a positive integer, found \"640\"");
+        assert_eq!(
+            e,
+            "config key `hidden_size`: expected a positive integer, found \"640\""
+        );
     }
 }

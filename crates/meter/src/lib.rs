@@ -19,7 +19,10 @@ pub mod record;
 pub use energy::{total_joules, EnergyMeter, EnergyReading};
 pub use error::{Error, Result};
 pub use fingerprint::Fingerprint;
-pub use flops::{inference_flops_per_token, training_flops_per_token, FlopCount, LoraShape, ModelShape, Trainable};
+pub use flops::{
+    inference_flops_per_token, training_flops_per_token, FlopCount, LoraShape, ModelShape,
+    Trainable,
+};
 pub use memory::{current_rss_bytes, peak_rss_bytes};
 pub use metrics::{read_metrics, MetricsLine, MetricsWriter};
 pub use peak::{mfu, peak_tflops, PeakEntry, PeakTable};

@@ -43,7 +43,10 @@ impl MetricsWriter {
     /// Creates (or truncates) the file.
     pub fn create(path: &Path) -> Result<Self> {
         let file = File::create(path).map_err(|e| Error::io(path, e))?;
-        Ok(MetricsWriter { path: path.into(), file })
+        Ok(MetricsWriter {
+            path: path.into(),
+            file,
+        })
     }
 
     /// Opens the file for appending, creating it if needed (resumed runs).
@@ -53,15 +56,23 @@ impl MetricsWriter {
             .append(true)
             .open(path)
             .map_err(|e| Error::io(path, e))?;
-        Ok(MetricsWriter { path: path.into(), file })
+        Ok(MetricsWriter {
+            path: path.into(),
+            file,
+        })
     }
 
     /// Writes one line and flushes it.
     pub fn write(&mut self, line: &MetricsLine) -> Result<()> {
-        let mut bytes = serde_json::to_vec(line)
-            .map_err(|e| Error::Json { path: self.path.clone(), line: 0, msg: e.to_string() })?;
+        let mut bytes = serde_json::to_vec(line).map_err(|e| Error::Json {
+            path: self.path.clone(),
+            line: 0,
+            msg: e.to_string(),
+        })?;
         bytes.push(b'\n');
-        self.file.write_all(&bytes).map_err(|e| Error::io(&self.path, e))?;
+        self.file
+            .write_all(&bytes)
+            .map_err(|e| Error::io(&self.path, e))?;
         self.file.flush().map_err(|e| Error::io(&self.path, e))
     }
 
@@ -81,8 +92,11 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsLine>> {
         if line.trim().is_empty() {
             continue;
         }
-        let m = serde_json::from_str(&line)
-            .map_err(|e| Error::Json { path: path.into(), line: i + 1, msg: e.to_string() })?;
+        let m = serde_json::from_str(&line).map_err(|e| Error::Json {
+            path: path.into(),
+            line: i + 1,
+            msg: e.to_string(),
+        })?;
         out.push(m);
     }
     Ok(out)
@@ -120,6 +134,9 @@ mod tests {
         assert_eq!(lines[2].extra["heldout_loss"], 1.5);
         std::fs::write(&path, "{\"step\":1}\n").unwrap();
         let e = read_metrics(&path).unwrap_err().to_string();
-        assert!(e.starts_with(&format!("{}:1: missing field", path.display())), "{e}");
+        assert!(
+            e.starts_with(&format!("{}:1: missing field", path.display())),
+            "{e}"
+        );
     }
 }

@@ -142,7 +142,12 @@ pub fn normalize_dtype(dtype: &str) -> String {
 /// MFU: achieved FLOP/s over the device's peak for `dtype`. The peak comes from
 /// `overrides` when it has an entry for the device, otherwise from the built-in table;
 /// `None` when neither knows the device.
-pub fn mfu(achieved_flops_per_s: f64, device_name: &str, dtype: &str, overrides: Option<&PeakTable>) -> Option<f64> {
+pub fn mfu(
+    achieved_flops_per_s: f64,
+    device_name: &str,
+    dtype: &str,
+    overrides: Option<&PeakTable>,
+) -> Option<f64> {
     let peak = peak_tflops(device_name, dtype, overrides)?;
     Some(achieved_flops_per_s / (peak * 1e12))
 }
@@ -152,7 +157,9 @@ pub fn peak_tflops(device_name: &str, dtype: &str, overrides: Option<&PeakTable>
     if let Some(e) = overrides.and_then(|t| t.lookup(device_name, dtype)) {
         return Some(e.tflops);
     }
-    PeakTable::builtin().lookup(device_name, dtype).map(|e| e.tflops)
+    PeakTable::builtin()
+        .lookup(device_name, dtype)
+        .map(|e| e.tflops)
 }
 
 /// A CPU's peak TFLOP/s: `cores x GHz x FLOPs per cycle per core / 1000`. FLOPs per cycle
@@ -170,14 +177,28 @@ mod tests {
     fn lookup_by_device_name() {
         let t = PeakTable::builtin();
         assert_eq!(t.lookup("NVIDIA H200", "bfloat16").unwrap().tflops, 989.4);
-        assert_eq!(t.lookup("cuda:0 (NVIDIA H100 PCIe)", "bf16").unwrap().tflops, 756.0);
-        assert_eq!(t.lookup("NVIDIA H100 80GB HBM3", "fp32").unwrap().tflops, 66.9);
-        assert_eq!(t.lookup("NVIDIA A100-SXM4-80GB", "bf16").unwrap().tflops, 312.0);
+        assert_eq!(
+            t.lookup("cuda:0 (NVIDIA H100 PCIe)", "bf16")
+                .unwrap()
+                .tflops,
+            756.0
+        );
+        assert_eq!(
+            t.lookup("NVIDIA H100 80GB HBM3", "fp32").unwrap().tflops,
+            66.9
+        );
+        assert_eq!(
+            t.lookup("NVIDIA A100-SXM4-80GB", "bf16").unwrap().tflops,
+            312.0
+        );
         assert_eq!(t.lookup("NVIDIA A10", "f32").unwrap().tflops, 31.2);
         assert!(t.lookup("NVIDIA A10G", "f32").is_none());
         assert_eq!(t.lookup("NVIDIA L4", "bf16").unwrap().tflops, 121.0);
         assert_eq!(t.lookup("NVIDIA L40S", "bf16").unwrap().tflops, 362.05);
-        assert_eq!(t.lookup("NVIDIA GeForce RTX 4090", "f16").unwrap().tflops, 165.2);
+        assert_eq!(
+            t.lookup("NVIDIA GeForce RTX 4090", "f16").unwrap().tflops,
+            165.2
+        );
         assert!(t.lookup("cpu", "f32").is_none());
         assert!(t.lookup("NVIDIA T4", "bf16").is_none());
     }
@@ -201,7 +222,12 @@ mod tests {
         assert!((m - 0.1).abs() < 1e-12);
         // An override for a device the built-in table knows wins.
         let o = PeakTable {
-            entries: vec![PeakEntry { device: "h200".into(), dtype: "bf16".into(), tflops: 500.0, source: String::new() }],
+            entries: vec![PeakEntry {
+                device: "h200".into(),
+                dtype: "bf16".into(),
+                tflops: 500.0,
+                source: String::new(),
+            }],
         };
         assert_eq!(peak_tflops("NVIDIA H200", "bf16", Some(&o)), Some(500.0));
     }

@@ -196,7 +196,11 @@ mod tests {
         assert!(r.warmup_excluded);
         assert!(r.warmup_s >= 0.02 && r.warmup_s < r.wall_s);
         // 100 tokens over at least 50 ms: at most 2000 tokens/s.
-        assert!(r.tokens_per_s > 0.0 && r.tokens_per_s <= 2000.0, "{}", r.tokens_per_s);
+        assert!(
+            r.tokens_per_s > 0.0 && r.tokens_per_s <= 2000.0,
+            "{}",
+            r.tokens_per_s
+        );
         assert!((r.device_hours * 3600.0 - r.device_s).abs() < 1e-12);
         assert!(r.energy.is_empty());
     }

@@ -91,7 +91,15 @@ pub struct RunRecord {
 impl RunRecord {
     /// A record with the identifying fields set, the current format version, a detected
     /// fingerprint and everything else zero or empty.
-    pub fn new(run_id: &str, kind: RunKind, model: &str, device: &str, dtype: &str, threads: usize, seed: u64) -> Self {
+    pub fn new(
+        run_id: &str,
+        kind: RunKind,
+        model: &str,
+        device: &str,
+        dtype: &str,
+        threads: usize,
+        seed: u64,
+    ) -> Self {
         RunRecord {
             format_version: RECORD_FORMAT_VERSION,
             run_id: run_id.into(),
@@ -126,8 +134,11 @@ impl RunRecord {
 
     /// Writes the record as pretty JSON through [`write_atomic`].
     pub fn write_atomic(&self, path: &Path) -> Result<()> {
-        let mut bytes = serde_json::to_vec_pretty(self)
-            .map_err(|e| Error::Json { path: path.into(), line: 0, msg: e.to_string() })?;
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::Json {
+            path: path.into(),
+            line: 0,
+            msg: e.to_string(),
+        })?;
         bytes.push(b'\n');
         write_atomic(path, &bytes).map_err(|e| Error::io(path, e))
     }
@@ -141,16 +152,32 @@ impl RunRecord {
 
     /// Parses a record from JSON text; `path` is used in error messages only.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| Error::Json { path: path.into(), line: 0, msg: format!("not a json run record: {e}") })?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Json {
+            path: path.into(),
+            line: 0,
+            msg: format!("not a json run record: {e}"),
+        })?;
         match value.get("format_version") {
-            None => return Err(Error::MissingKey { path: path.into(), key: "format_version".into() }),
+            None => {
+                return Err(Error::MissingKey {
+                    path: path.into(),
+                    key: "format_version".into(),
+                })
+            }
             Some(v) if v.as_u64() != Some(RECORD_FORMAT_VERSION as u64) => {
-                return Err(Error::FormatVersion { path: path.into(), expected: RECORD_FORMAT_VERSION, found: v.to_string() })
+                return Err(Error::FormatVersion {
+                    path: path.into(),
+                    expected: RECORD_FORMAT_VERSION,
+                    found: v.to_string(),
+                })
             }
             Some(_) => {}
         }
-        serde_json::from_value(value).map_err(|e| Error::Json { path: path.into(), line: 0, msg: e.to_string() })
+        serde_json::from_value(value).map_err(|e| Error::Json {
+            path: path.into(),
+            line: 0,
+            msg: e.to_string(),
+        })
     }
 }
 
@@ -162,10 +189,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -200,13 +231,17 @@ mod tests {
         // No temporary file left behind.
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 
-        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         v["format_version"] = 99.into();
         std::fs::write(&path, v.to_string()).unwrap();
         let e = RunRecord::read(&path).unwrap_err().to_string();
         assert_eq!(
             e,
-            format!("{}: key `format_version`: expected run record format 1, found 99", path.display())
+            format!(
+                "{}: key `format_version`: expected run record format 1, found 99",
+                path.display()
+            )
         );
         v.as_object_mut().unwrap().remove("format_version");
         std::fs::write(&path, v.to_string()).unwrap();

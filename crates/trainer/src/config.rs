@@ -154,14 +154,25 @@ impl ModelConfig {
         let num_attention_heads = need(c.num_attention_heads, "num_attention_heads")?;
         let num_hidden_layers = need(c.num_hidden_layers, "num_hidden_layers")?;
         let gemma = family == Family::Gemma3;
-        let act = c.hidden_activation.clone().or(c.hidden_act.clone()).unwrap_or_else(|| {
-            if gemma { "gelu_pytorch_tanh".into() } else { "silu".into() }
-        });
-        let hidden_act = match act.as_str() {
-            "silu" | "swish" => Activation::Silu,
-            "gelu_pytorch_tanh" | "gelu_tanh" | "gelu" => Activation::GeluTanh,
-            other => return Err(format!("unsupported `hidden_act = \"{other}\"` (expected silu or gelu_pytorch_tanh)")),
-        };
+        let act = c
+            .hidden_activation
+            .clone()
+            .or(c.hidden_act.clone())
+            .unwrap_or_else(|| {
+                if gemma {
+                    "gelu_pytorch_tanh".into()
+                } else {
+                    "silu".into()
+                }
+            });
+        let hidden_act =
+            match act.as_str() {
+                "silu" | "swish" => Activation::Silu,
+                "gelu_pytorch_tanh" | "gelu_tanh" | "gelu" => Activation::GeluTanh,
+                other => return Err(format!(
+                    "unsupported `hidden_act = \"{other}\"` (expected silu or gelu_pytorch_tanh)"
+                )),
+            };
         let sliding_window = match family {
             Family::Qwen2 if !c.use_sliding_window.unwrap_or(false) => None,
             _ => c.sliding_window,
@@ -176,7 +187,9 @@ impl ModelConfig {
             types.iter().map(|t| t == "sliding_attention").collect()
         } else if gemma {
             let pattern = c.sliding_window_pattern.unwrap_or(6);
-            (0..num_hidden_layers).map(|i| (i + 1) % pattern != 0).collect()
+            (0..num_hidden_layers)
+                .map(|i| (i + 1) % pattern != 0)
+                .collect()
         } else if family == Family::Qwen2 && sliding_window.is_some() {
             let from = c.max_window_layers.unwrap_or(num_hidden_layers);
             (0..num_hidden_layers).map(|i| i >= from).collect()
@@ -192,7 +205,8 @@ impl ModelConfig {
                         v["rope_type"] = t;
                     }
                 }
-                let s: RopeScaling = serde_json::from_value(v).map_err(|e| format!("`rope_scaling`: {e}"))?;
+                let s: RopeScaling =
+                    serde_json::from_value(v).map_err(|e| format!("`rope_scaling`: {e}"))?;
                 match s.rope_type.as_str() {
                     "llama3" | "linear" => Some(s),
                     "default" => None,
@@ -210,8 +224,14 @@ impl ModelConfig {
             head_dim: c.head_dim.unwrap_or(hidden_size / num_attention_heads),
             vocab_size: need(c.vocab_size, "vocab_size")?,
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: c.rope_theta.unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 }),
-            rope_local_base_freq: if gemma { Some(c.rope_local_base_freq.unwrap_or(10_000.0)) } else { None },
+            rope_theta: c
+                .rope_theta
+                .unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 }),
+            rope_local_base_freq: if gemma {
+                Some(c.rope_local_base_freq.unwrap_or(10_000.0))
+            } else {
+                None
+            },
             rope_scaling,
             max_position_embeddings: c.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(gemma),
@@ -270,20 +290,34 @@ impl ModelConfig {
             v["sliding_window"] = json!(self.sliding_window);
             // HF declares this an int; write whole numbers as such
             let q = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64);
-            v["query_pre_attn_scalar"] = if q.fract() == 0.0 { json!(q as i64) } else { json!(q) };
+            v["query_pre_attn_scalar"] = if q.fract() == 0.0 {
+                json!(q as i64)
+            } else {
+                json!(q)
+            };
             v["final_logit_softcapping"] = json!(self.final_logit_softcapping);
             v["attn_logit_softcapping"] = json!(self.attn_logit_softcapping);
             let types: Vec<&str> = self
                 .sliding_layers
                 .iter()
-                .map(|&s| if s { "sliding_attention" } else { "full_attention" })
+                .map(|&s| {
+                    if s {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
                 .collect();
             v["layer_types"] = json!(types);
         } else if let Some(w) = self.sliding_window {
             v["sliding_window"] = json!(w);
             if self.family == Family::Qwen2 {
                 v["use_sliding_window"] = json!(true);
-                let first = self.sliding_layers.iter().position(|&s| s).unwrap_or(self.num_hidden_layers);
+                let first = self
+                    .sliding_layers
+                    .iter()
+                    .position(|&s| s)
+                    .unwrap_or(self.num_hidden_layers);
                 v["max_window_layers"] = json!(first);
             }
         }
@@ -296,7 +330,10 @@ impl ModelConfig {
 
     /// Softmax scale of the attention scores.
     pub fn attention_scale(&self) -> f64 {
-        1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64).sqrt()
+        1.0 / self
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim as f64)
+            .sqrt()
     }
 
     /// Gemma multiplies the embeddings by sqrt(hidden_size).
@@ -314,12 +351,20 @@ impl ModelConfig {
 
     /// Parameter count of the base model (embeddings counted once when tied).
     pub fn num_parameters(&self) -> usize {
-        let (h, i, l) = (self.hidden_size, self.intermediate_size, self.num_hidden_layers);
+        let (h, i, l) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+        );
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 };
         let mlp = 3 * h * i;
-        let norms = if self.is_gemma() { 4 * h + 2 * self.head_dim } else { 2 * h };
+        let norms = if self.is_gemma() {
+            4 * h + 2 * self.head_dim
+        } else {
+            2 * h
+        };
         let embed = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
         l * (attn + mlp + norms) + embed + h
     }
@@ -350,7 +395,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim = {} must be even for RoPE", self.head_dim));
+            return Err(format!(
+                "head_dim = {} must be even for RoPE",
+                self.head_dim
+            ));
         }
         if self.sliding_layers.len() != self.num_hidden_layers {
             return Err("one attention kind per layer expected".into());
@@ -428,14 +476,22 @@ mod tests {
     #[test]
     fn integer_fields_are_written_as_integers() {
         let v = ModelConfig::preset("gemma3-270m").unwrap().to_hf_json();
-        assert!(v["query_pre_attn_scalar"].is_i64(), "{}", v["query_pre_attn_scalar"]);
+        assert!(
+            v["query_pre_attn_scalar"].is_i64(),
+            "{}",
+            v["query_pre_attn_scalar"]
+        );
     }
 
     #[test]
     fn unknown_architecture_is_named() {
         let err = ModelConfig::from_hf_value(&json!({"model_type": "bert"})).unwrap_err();
-        assert!(err.contains("unknown architecture") && err.contains("bert"), "{err}");
-        let err = ModelConfig::from_hf_value(&json!({"model_type": "llama", "hidden_size": 8})).unwrap_err();
+        assert!(
+            err.contains("unknown architecture") && err.contains("bert"),
+            "{err}"
+        );
+        let err = ModelConfig::from_hf_value(&json!({"model_type": "llama", "hidden_size": 8}))
+            .unwrap_err();
         assert!(err.contains("num_attention_heads"), "{err}");
     }
 }

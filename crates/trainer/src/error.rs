@@ -25,7 +25,11 @@ pub enum Error {
 
     /// A dataset line or file that cannot be used. `line` is 1-based; 0 means the whole file.
     #[error("{}{}: {msg}", path.display(), if *line > 0 { format!(":{line}") } else { String::new() })]
-    Data { path: PathBuf, line: usize, msg: String },
+    Data {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
 
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -43,15 +47,28 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn model(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Model { path: path.into(), msg: msg.into() }
+        Error::Model {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     pub fn config(key: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config { key: key.into(), msg: msg.into() }
+        Error::Config {
+            key: key.into(),
+            msg: msg.into(),
+        }
     }
     pub fn data(path: impl Into<PathBuf>, line: usize, msg: impl Into<String>) -> Self {
-        Error::Data { path: path.into(), line, msg: msg.into() }
+        Error::Data {
+            path: path.into(),
+            line,
+            msg: msg.into(),
+        }
     }
 }

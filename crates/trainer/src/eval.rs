@@ -45,24 +45,37 @@ pub fn gsm8k_exact_match(
     let mut generated = 0;
     for (i, item) in items.iter().enumerate() {
         let prompt = gsm8k_prompt(data, &item.question);
-        let ids = tok.encode(&prompt, data.add_bos)?;
-        let g = generate_greedy(model, &ids, max_new_tokens, &stops)?;
+        let ids = tok.encode(&prompt, data.add_bos && tok.bos_id().is_some())?;
+        let g = generate_greedy(model, &ids, max_new_tokens, &stops, tok.vocab_size())?;
         generated += g.new_ids.len();
         let completion = tok.decode(&g.new_ids, true)?;
         // a model may go on with another "Question:"; the answer is the first "####" line
-        let answer_part = completion.split("\nQuestion:").next().unwrap_or(&completion);
+        let answer_part = completion
+            .split("\nQuestion:")
+            .next()
+            .unwrap_or(&completion);
         let predicted = gsm8k_final_answer(answer_part);
         let gold = item.gold();
         let ok = predicted.is_some() && predicted == gold;
         correct += ok as usize;
-        samples.push(Gsm8kSample { question: item.question.clone(), gold, predicted, completion, correct: ok });
+        samples.push(Gsm8kSample {
+            question: item.question.clone(),
+            gold,
+            predicted,
+            completion,
+            correct: ok,
+        });
         on_item(i + 1, correct);
     }
     let total = items.len();
     Ok(Gsm8kReport {
         correct,
         total,
-        exact_match: if total == 0 { 0.0 } else { correct as f64 / total as f64 },
+        exact_match: if total == 0 {
+            0.0
+        } else {
+            correct as f64 / total as f64
+        },
         generated_tokens: generated,
         samples,
     })

@@ -15,15 +15,22 @@ pub struct Generation {
 }
 
 /// Greedy decoding of up to `max_new_tokens` after `prompt_ids`, stopping at any of
-/// `stop_ids` (not included in the output).
-pub fn generate_greedy(model: &Decoder, prompt_ids: &[u32], max_new_tokens: usize, stop_ids: &[u32]) -> Result<Generation> {
+/// `stop_ids` (not included in the output). Only ids below `vocab_limit` are chosen:
+/// checkpoints often pad their embedding past the tokenizer's vocabulary.
+pub fn generate_greedy(
+    model: &Decoder,
+    prompt_ids: &[u32],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+    vocab_limit: usize,
+) -> Result<Generation> {
     let device = &model.device;
     let mut cache = KvCache::new();
     let limit = model.config.max_position_embeddings;
     let start = std::time::Instant::now();
     let input = Tensor::new(prompt_ids, device)?.unsqueeze(0)?;
     let logits = model.forward_logits(&input, Some(&mut cache))?;
-    let mut next = last_argmax(&logits)?;
+    let mut next = last_argmax(&logits, vocab_limit)?;
     let prefill_s = start.elapsed().as_secs_f64();
     let start = std::time::Instant::now();
     let mut new_ids = Vec::new();
@@ -34,14 +41,23 @@ pub fn generate_greedy(model: &Decoder, prompt_ids: &[u32], max_new_tokens: usiz
         }
         let input = Tensor::new(&[next], device)?.unsqueeze(0)?;
         let logits = model.forward_logits(&input, Some(&mut cache))?;
-        next = last_argmax(&logits)?;
+        next = last_argmax(&logits, vocab_limit)?;
     }
-    Ok(Generation { prompt_tokens: prompt_ids.len(), new_ids, prefill_s, decode_s: start.elapsed().as_secs_f64() })
+    Ok(Generation {
+        prompt_tokens: prompt_ids.len(),
+        new_ids,
+        prefill_s,
+        decode_s: start.elapsed().as_secs_f64(),
+    })
 }
 
-fn last_argmax(logits: &Tensor) -> Result<u32> {
+fn last_argmax(logits: &Tensor, vocab_limit: usize) -> Result<u32> {
     let t = logits.dim(1)?;
-    let last = logits.narrow(1, t - 1, 1)?.flatten_all()?;
+    let mut last = logits.narrow(1, t - 1, 1)?.flatten_all()?;
+    let v = last.dim(0)?;
+    if vocab_limit > 0 && vocab_limit < v {
+        last = last.narrow(0, 0, vocab_limit)?;
+    }
     Ok(last.argmax(D::Minus1)?.to_scalar::<u32>()?)
 }
 
@@ -49,7 +65,10 @@ fn last_argmax(logits: &Tensor) -> Result<u32> {
 /// none. Returns one entry per id.
 pub fn score(model: &Decoder, ids: &[u32]) -> Result<Vec<Option<f64>>> {
     let input = Tensor::new(ids, &model.device)?.unsqueeze(0)?;
-    let logits = model.forward_logits(&input, None)?.squeeze(0)?.to_dtype(DType::F64)?; // [t, vocab]
+    let logits = model
+        .forward_logits(&input, None)?
+        .squeeze(0)?
+        .to_dtype(DType::F64)?; // [t, vocab]
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let mut out = vec![None];
     for i in 1..ids.len() {

@@ -10,8 +10,8 @@ pub mod loader;
 pub mod lora;
 pub mod model;
 pub mod ops;
-pub mod train;
 pub mod tokenizer;
+pub mod train;
 
 pub use config::{Family, ModelConfig};
 pub use error::{Error, Result};

@@ -39,13 +39,19 @@ pub fn load(spec: &str, device: &Device) -> Result<LoadedModel> {
         return load_hf_dir(path, spec, device);
     }
     if path.exists() {
-        return Err(Error::model(path, "expected a .gguf file, an HF model folder or a hub id"));
+        return Err(Error::model(
+            path,
+            "expected a .gguf file, an HF model folder or a hub id",
+        ));
     }
     if spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/') {
         let dir = fetch_hub(spec)?;
         return load_hf_dir(&dir, spec, device);
     }
-    Err(Error::model(path, "not found: expected a .gguf file, an HF model folder or a hub id like org/name"))
+    Err(Error::model(
+        path,
+        "not found: expected a .gguf file, an HF model folder or a hub id like org/name",
+    ))
 }
 
 /// Reads just the config of `spec` (no weights).
@@ -53,16 +59,30 @@ pub fn load_config(spec: &str) -> Result<ModelConfig> {
     let path = Path::new(spec);
     if path.extension().is_some_and(|e| e == "gguf") {
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut f).map_err(|e| Error::model(path, format!("not a readable gguf file: {}", candle_msg(&e))))?;
+        let content = gguf_file::Content::read(&mut f).map_err(|e| {
+            Error::model(
+                path,
+                format!("not a readable gguf file: {}", candle_msg(&e)),
+            )
+        })?;
         let mut config = gguf_config(&content, path)?;
         llama3_rope_from_gguf(&content, &mut f, path, &mut config)?;
         return Ok(config);
     }
-    let dir = if path.is_dir() { path.to_path_buf() } else { fetch_hub(spec)? };
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        fetch_hub(spec)?
+    };
     ModelConfig::from_hf_file(&dir.join("config.json"))
 }
 
-const HUB_FILES: &[&str] = &["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
+const HUB_FILES: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+];
 
 /// Resolves a hub id to a local snapshot folder through hf-hub's cache, downloading what is
 /// missing unless `HF_HUB_OFFLINE` is set.
@@ -99,8 +119,9 @@ pub fn fetch_hub(id: &str) -> Result<PathBuf> {
     }
     // weights: one file or a sharded index
     if get("model.safetensors")?.is_none() {
-        let index = get("model.safetensors.index.json")?
-            .ok_or_else(|| hub_err("neither model.safetensors nor model.safetensors.index.json found".into()))?;
+        let index = get("model.safetensors.index.json")?.ok_or_else(|| {
+            hub_err("neither model.safetensors nor model.safetensors.index.json found".into())
+        })?;
         for shard in shard_files(&index)? {
             get(&shard)?.ok_or_else(|| hub_err(format!("shard {shard} not found")))?;
         }
@@ -111,18 +132,26 @@ pub fn fetch_hub(id: &str) -> Result<PathBuf> {
 /// Whether `HF_HUB_OFFLINE` asks for offline mode; the values huggingface_hub treats as true
 /// (1, ON, YES, TRUE in any case), so that `HF_HUB_OFFLINE=false` does not mean offline.
 fn hub_offline(value: Option<&str>) -> bool {
-    value.is_some_and(|v| matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"))
+    value.is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_uppercase().as_str(),
+            "1" | "ON" | "YES" | "TRUE"
+        )
+    })
 }
 
 fn shard_files(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::model(index, format!("invalid json: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model(index, format!("invalid json: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::model(index, "missing object `weight_map`"))?;
-    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect();
     files.sort();
     files.dedup();
     Ok(files)
@@ -137,16 +166,24 @@ pub fn load_hf_dir(dir: &Path, source: &str, device: &Device) -> Result<LoadedMo
     } else {
         let index = dir.join("model.safetensors.index.json");
         if !index.is_file() {
-            return Err(Error::model(dir, "neither model.safetensors nor model.safetensors.index.json found"));
+            return Err(Error::model(
+                dir,
+                "neither model.safetensors nor model.safetensors.index.json found",
+            ));
         }
-        shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect()
+        shard_files(&index)?
+            .into_iter()
+            .map(|f| dir.join(f))
+            .collect()
     };
     let mut weights = Weights::new();
     for f in &files {
         let ts = candle_core::safetensors::load(f, &Device::Cpu)
             .map_err(|e| Error::model(f, format!("cannot read safetensors: {}", candle_msg(&e))))?;
         for (k, t) in ts {
-            let Some(k) = text_model_name(k) else { continue };
+            let Some(k) = text_model_name(k) else {
+                continue;
+            };
             weights.insert(k, t.to_dtype(DType::F32)?.to_device(device)?);
         }
     }
@@ -155,7 +192,13 @@ pub fn load_hf_dir(dir: &Path, source: &str, device: &Device) -> Result<LoadedMo
     }
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)?;
-    Ok(LoadedModel { config, weights, tokenizer, source: source.to_string(), path: dir.to_path_buf() })
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer,
+        source: source.to_string(),
+        path: dir.to_path_buf(),
+    })
 }
 
 /// The HF name of a checkpoint tensor as the text decoder names it, or None for the vision
@@ -163,14 +206,23 @@ pub fn load_hf_dir(dir: &Path, source: &str, device: &Device) -> Result<LoadedMo
 /// `language_model.model.layers.0...` (transformers before 4.52) or
 /// `model.language_model.layers.0...` (4.52 and later).
 fn text_model_name(k: String) -> Option<String> {
-    const VISION: [&str; 4] = ["vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."];
+    const VISION: [&str; 4] = [
+        "vision_tower.",
+        "multi_modal_projector.",
+        "model.vision_tower.",
+        "model.multi_modal_projector.",
+    ];
     if VISION.iter().any(|p| k.starts_with(p)) {
         return None;
     }
     if let Some(rest) = k.strip_prefix("model.language_model.") {
         return Some(format!("model.{rest}"));
     }
-    Some(k.strip_prefix("language_model.").map(String::from).unwrap_or(k))
+    Some(
+        k.strip_prefix("language_model.")
+            .map(String::from)
+            .unwrap_or(k),
+    )
 }
 
 fn md_u32(c: &gguf_file::Content, key: &str, path: &Path) -> Result<usize> {
@@ -198,8 +250,12 @@ fn md_f64(c: &gguf_file::Content, key: &str) -> Option<f64> {
 fn candle_msg(e: &candle_core::Error) -> String {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
-        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_msg(inner)),
-        candle_core::Error::WithPath { inner, path } => format!("{}: {}", path.display(), candle_msg(inner)),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_msg(inner))
+        }
+        candle_core::Error::WithPath { inner, path } => {
+            format!("{}: {}", path.display(), candle_msg(inner))
+        }
         e => e.to_string(),
     }
 }
@@ -251,17 +307,29 @@ pub fn gguf_config(c: &gguf_file::Content, path: &Path) -> Result<ModelConfig> {
     if let Some(theta) = md_f64(c, &k("rope.freq_base")) {
         v["rope_theta"] = json!(theta);
     }
-    match c.metadata.get(&k("rope.scaling.type")).and_then(|t| t.to_string().ok()).map(String::as_str) {
+    match c
+        .metadata
+        .get(&k("rope.scaling.type"))
+        .and_then(|t| t.to_string().ok())
+        .map(String::as_str)
+    {
         None | Some("none") => {}
         Some("linear") => {
-            let factor = md_f64(c, &k("rope.scaling.factor"))
-                .ok_or_else(|| Error::model(path, format!("missing metadata key `{}`", k("rope.scaling.factor"))))?;
+            let factor = md_f64(c, &k("rope.scaling.factor")).ok_or_else(|| {
+                Error::model(
+                    path,
+                    format!("missing metadata key `{}`", k("rope.scaling.factor")),
+                )
+            })?;
             v["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
         }
         Some(other) => {
             return Err(Error::model(
                 path,
-                format!("unsupported `{} = \"{other}\"` (expected none or linear)", k("rope.scaling.type")),
+                format!(
+                    "unsupported `{} = \"{other}\"` (expected none or linear)",
+                    k("rope.scaling.type")
+                ),
             ))
         }
     }
@@ -308,11 +376,16 @@ fn llama3_rope_from_gguf<R: std::io::Read + std::io::Seek>(
         .map_err(|e| err(candle_msg(&e)))?;
     let d = config.head_dim;
     if divisors.len() != d / 2 {
-        return Err(err(format!("{} values, expected head_dim / 2 = {}", divisors.len(), d / 2)));
+        return Err(err(format!(
+            "{} values, expected head_dim / 2 = {}",
+            divisors.len(),
+            d / 2
+        )));
     }
     let (low, high, old) = (1.0f64, 4.0f64, 8192.0f64);
     let (low_wl, high_wl) = (old / low, old / high);
-    let wavelength = |i: usize| 2.0 * std::f64::consts::PI * config.rope_theta.powf(2.0 * i as f64 / d as f64);
+    let wavelength =
+        |i: usize| 2.0 * std::f64::consts::PI * config.rope_theta.powf(2.0 * i as f64 / d as f64);
     let smooth = |wl: f64| (old / wl - low) / (high - low);
     // the factor: read off a long wavelength, else solved from the interpolated band
     let mut factor = None;
@@ -329,8 +402,14 @@ fn llama3_rope_from_gguf<R: std::io::Read + std::io::Seek>(
     }
     let Some(factor) = factor else {
         // every wavelength is short: the scaling changes nothing
-        if let Some((i, x)) = divisors.iter().enumerate().find(|(_, &x)| (x - 1.0).abs() > 1e-6) {
-            return Err(err(format!("divisor {x} at index {i}, expected 1 for a wavelength below {high_wl}")));
+        if let Some((i, x)) = divisors
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| (x - 1.0).abs() > 1e-6)
+        {
+            return Err(err(format!(
+                "divisor {x} at index {i}, expected 1 for a wavelength below {high_wl}"
+            )));
         }
         return Ok(());
     };
@@ -400,28 +479,41 @@ fn hf_name(gguf: &str, gemma: bool) -> Option<String> {
 fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out_f, in_f) = w.dims2()?;
     let hd = out_f / heads;
-    Ok(w.reshape((heads, hd / 2, 2, in_f))?.transpose(1, 2)?.reshape((out_f, in_f))?)
+    Ok(w.reshape((heads, hd / 2, 2, in_f))?
+        .transpose(1, 2)?
+        .reshape((out_f, in_f))?)
 }
 
 /// Loads a GGUF file: config from metadata, weights dequantized to f32 under HF names and
 /// conventions, and the embedded tokenizer.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = gguf_file::Content::read(&mut f)
-        .map_err(|e| Error::model(path, format!("not a readable gguf file: {}", candle_msg(&e))))?;
+    let content = gguf_file::Content::read(&mut f).map_err(|e| {
+        Error::model(
+            path,
+            format!("not a readable gguf file: {}", candle_msg(&e)),
+        )
+    })?;
     let mut config = gguf_config(&content, path)?;
     llama3_rope_from_gguf(&content, &mut f, path, &mut config)?;
     let gemma = config.is_gemma();
     let permuted = matches!(config.family, crate::Family::Llama | crate::Family::Mistral);
     let mut weights: HashMap<String, Tensor> = HashMap::new();
     for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name, gemma) else { continue };
+        let Some(hf) = hf_name(name, gemma) else {
+            continue;
+        };
         let qt = content
             .tensor(&mut f, name, &Device::Cpu)
             .map_err(|e| Error::model(path, format!("tensor `{name}`: {}", candle_msg(&e))))?;
         let mut t = qt
             .dequantize(&Device::Cpu)
-            .map_err(|e| Error::model(path, format!("tensor `{name}` ({:?}): {}", qt.dtype(), candle_msg(&e))))?
+            .map_err(|e| {
+                Error::model(
+                    path,
+                    format!("tensor `{name}` ({:?}): {}", qt.dtype(), candle_msg(&e)),
+                )
+            })?
             .to_dtype(DType::F32)?;
         if gemma && hf.ends_with("norm.weight") {
             // llama.cpp's converter stores Gemma's norm factor 1 + w
@@ -445,14 +537,24 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
 }
 
 /// Writes an HF folder: config.json, model.safetensors (f32) and the tokenizer files.
-pub fn save_hf_dir(dir: &Path, config: &ModelConfig, weights: &Weights, tokenizer: &Tokenizer) -> Result<()> {
+pub fn save_hf_dir(
+    dir: &Path,
+    config: &ModelConfig,
+    weights: &Weights,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(&config.to_hf_json()).expect("json");
     ftbench_meter::write_atomic(&cfg_path, text.as_bytes()).map_err(|e| Error::io(&cfg_path, e))?;
     let mut ts: HashMap<String, Tensor> = HashMap::new();
     for (k, t) in weights {
-        ts.insert(k.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?);
+        ts.insert(
+            k.clone(),
+            t.to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .contiguous()?,
+        );
     }
     let tmp = dir.join(".model.safetensors.tmp");
     candle_core::safetensors::save(&ts, &tmp)?;
@@ -468,10 +570,22 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hf() {
-        assert_eq!(hf_name("blk.3.ffn_norm.weight", true).unwrap(), "model.layers.3.pre_feedforward_layernorm.weight");
-        assert_eq!(hf_name("blk.3.ffn_norm.weight", false).unwrap(), "model.layers.3.post_attention_layernorm.weight");
-        assert_eq!(hf_name("blk.0.attn_q.bias", false).unwrap(), "model.layers.0.self_attn.q_proj.bias");
-        assert_eq!(hf_name("token_embd.weight", true).unwrap(), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_name("blk.3.ffn_norm.weight", true).unwrap(),
+            "model.layers.3.pre_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("blk.3.ffn_norm.weight", false).unwrap(),
+            "model.layers.3.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_q.bias", false).unwrap(),
+            "model.layers.0.self_attn.q_proj.bias"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight", true).unwrap(),
+            "model.embed_tokens.weight"
+        );
         assert!(hf_name("rope_freqs.weight", false).is_none());
     }
 
@@ -490,8 +604,17 @@ mod tests {
     fn unpermute_inverts_llama_cpp_permutation() {
         // llama.cpp: w.reshape(heads, 2, hd/2, in).swapaxes(1, 2).reshape(out, in)
         let (heads, hd, inf) = (2, 4, 3);
-        let w = Tensor::arange(0f32, (heads * hd * inf) as f32, &Device::Cpu).unwrap().reshape((heads * hd, inf)).unwrap();
-        let permuted = w.reshape((heads, 2, hd / 2, inf)).unwrap().transpose(1, 2).unwrap().reshape((heads * hd, inf)).unwrap();
+        let w = Tensor::arange(0f32, (heads * hd * inf) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((heads * hd, inf))
+            .unwrap();
+        let permuted = w
+            .reshape((heads, 2, hd / 2, inf))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((heads * hd, inf))
+            .unwrap();
         let back = unpermute_qk(&permuted, heads).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
     }

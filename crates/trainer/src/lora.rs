@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -29,7 +29,10 @@ pub enum TargetModules {
 impl Default for TargetModules {
     fn default() -> Self {
         TargetModules::List(
-            ["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|s| s.to_string()).collect(),
+            ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         )
     }
 }
@@ -91,12 +94,16 @@ impl LoraConfig {
             return Err(Error::config("lora.rank", "must be at least 1, found 0"));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::config("lora.dropout", format!("must be in [0, 1), found {}", self.dropout)));
+            return Err(Error::config(
+                "lora.dropout",
+                format!("must be in [0, 1), found {}", self.dropout),
+            ));
         }
         if let TargetModules::Pattern(p) = &self.target_modules {
             if p != "all-linear" {
-                Regex::new(&format!("^(?:{p})$"))
-                    .map_err(|e| Error::config("lora.target_modules", format!("invalid regex: {e}")))?;
+                Regex::new(&format!("^(?:{p})$")).map_err(|e| {
+                    Error::config("lora.target_modules", format!("invalid regex: {e}"))
+                })?;
             }
         }
         Ok(())
@@ -108,7 +115,9 @@ impl LoraConfig {
         Ok(match &self.target_modules {
             TargetModules::List(names) => TargetMatcher::Names(names.clone()),
             TargetModules::Pattern(p) if p == "all-linear" => TargetMatcher::AllLinear,
-            TargetModules::Pattern(p) => TargetMatcher::Regex(Regex::new(&format!("^(?:{p})$")).unwrap()),
+            TargetModules::Pattern(p) => {
+                TargetMatcher::Regex(Regex::new(&format!("^(?:{p})$")).unwrap())
+            }
         })
     }
 }
@@ -142,14 +151,25 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// PEFT's initialisation: A kaiming-uniform with a = sqrt(5) (bound = 1/sqrt(in)), B zeros.
-    pub fn init(in_features: usize, out_features: usize, cfg: &LoraConfig, rng: &mut StdRng, device: &Device) -> Result<Self> {
+    pub fn init(
+        in_features: usize,
+        out_features: usize,
+        cfg: &LoraConfig,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> Result<Self> {
         let bound = 1.0 / (in_features as f64).sqrt();
         let a: Vec<f32> = (0..cfg.rank * in_features)
             .map(|_| rng.random_range(-bound..bound) as f32)
             .collect();
         let a = Tensor::from_vec(a, (cfg.rank, in_features), device)?;
         let b = Tensor::zeros((out_features, cfg.rank), DType::F32, device)?;
-        Ok(LoraAdapter { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scaling: cfg.scaling(), dropout: cfg.dropout })
+        Ok(LoraAdapter {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scaling: cfg.scaling(),
+            dropout: cfg.dropout,
+        })
     }
 
     /// The adapter's contribution for `x: [.., in]`; `mask` is dropout's keep-mask already
@@ -174,7 +194,9 @@ impl LoraAdapter {
 pub fn dropout_mask(shape: &[usize], p: f64, rng: &mut StdRng, device: &Device) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let keep = (1.0 / (1.0 - p)) as f32;
-    let v: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 
@@ -218,8 +240,14 @@ pub fn save_peft(
     });
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (module, ad) in adapters {
-        tensors.insert(peft_key(module, "lora_A"), ad.a.as_tensor().to_dtype(DType::F32)?);
-        tensors.insert(peft_key(module, "lora_B"), ad.b.as_tensor().to_dtype(DType::F32)?);
+        tensors.insert(
+            peft_key(module, "lora_A"),
+            ad.a.as_tensor().to_dtype(DType::F32)?,
+        );
+        tensors.insert(
+            peft_key(module, "lora_B"),
+            ad.b.as_tensor().to_dtype(DType::F32)?,
+        );
     }
     let cfg_path = dir.join("adapter_config.json");
     let text = serde_json::to_string_pretty(&config).expect("json");
@@ -241,34 +269,55 @@ pub struct PeftAdapter {
 pub fn load_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Adapter { path: cfg_path.clone(), msg: format!("invalid json: {e}") })?;
-    let bad = |msg: String| Error::Adapter { path: cfg_path.clone(), msg };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Adapter {
+        path: cfg_path.clone(),
+        msg: format!("invalid json: {e}"),
+    })?;
+    let bad = |msg: String| Error::Adapter {
+        path: cfg_path.clone(),
+        msg,
+    };
     if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
         if t != "LORA" {
             return Err(bad(format!("`peft_type` is \"{t}\", expected \"LORA\"")));
         }
     }
-    let rank = v.get("r").and_then(|r| r.as_u64()).ok_or_else(|| bad("missing integer key `r`".into()))? as usize;
+    let rank = v
+        .get("r")
+        .and_then(|r| r.as_u64())
+        .ok_or_else(|| bad("missing integer key `r`".into()))? as usize;
     let alpha = v.get("lora_alpha").and_then(|a| a.as_f64()).unwrap_or(8.0);
     let target_modules: TargetModules = match v.get("target_modules") {
-        Some(t) => serde_json::from_value(t.clone()).map_err(|e| bad(format!("`target_modules`: {e}")))?,
+        Some(t) => {
+            serde_json::from_value(t.clone()).map_err(|e| bad(format!("`target_modules`: {e}")))?
+        }
         None => return Err(bad("missing key `target_modules`".into())),
     };
     let config = LoraConfig {
         rank,
         alpha,
-        dropout: v.get("lora_dropout").and_then(|d| d.as_f64()).unwrap_or(0.0),
+        dropout: v
+            .get("lora_dropout")
+            .and_then(|d| d.as_f64())
+            .unwrap_or(0.0),
         target_modules,
-        use_rslora: v.get("use_rslora").and_then(|d| d.as_bool()).unwrap_or(false),
+        use_rslora: v
+            .get("use_rslora")
+            .and_then(|d| d.as_bool())
+            .unwrap_or(false),
     };
     let st_path = dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&st_path, device)
-        .map_err(|e| Error::Adapter { path: st_path.clone(), msg: e.to_string() })?;
+    let tensors = candle_core::safetensors::load(&st_path, device).map_err(|e| Error::Adapter {
+        path: st_path.clone(),
+        msg: e.to_string(),
+    })?;
     let mut weights: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
     for (key, t) in tensors {
         let Some(rest) = key.strip_prefix("base_model.model.") else {
-            return Err(Error::Adapter { path: st_path.clone(), msg: format!("unexpected key `{key}`") });
+            return Err(Error::Adapter {
+                path: st_path.clone(),
+                msg: format!("unexpected key `{key}`"),
+            });
         };
         let t = t.to_dtype(DType::F32)?;
         if let Some(m) = rest.strip_suffix(".lora_A.weight") {
@@ -276,7 +325,10 @@ pub fn load_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
             weights.entry(m.to_string()).or_default().1 = Some(t);
         } else {
-            return Err(Error::Adapter { path: st_path.clone(), msg: format!("unexpected key `{key}`") });
+            return Err(Error::Adapter {
+                path: st_path.clone(),
+                msg: format!("unexpected key `{key}`"),
+            });
         }
     }
     let mut out = HashMap::new();
@@ -293,7 +345,10 @@ pub fn load_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             }
         }
     }
-    Ok(PeftAdapter { config, weights: out })
+    Ok(PeftAdapter {
+        config,
+        weights: out,
+    })
 }
 
 /// The generator used for adapter initialisation and dropout, seeded from the run's seed.
@@ -307,7 +362,11 @@ mod tests {
 
     #[test]
     fn scaling_follows_peft() {
-        let mut c = LoraConfig { rank: 16, alpha: 32.0, ..Default::default() };
+        let mut c = LoraConfig {
+            rank: 16,
+            alpha: 32.0,
+            ..Default::default()
+        };
         assert_eq!(c.scaling(), 2.0);
         c.use_rslora = true;
         assert_eq!(c.scaling(), 8.0); // 32 / sqrt(16)
@@ -324,56 +383,98 @@ mod tests {
         assert!(names.matches("model.layers.0.self_attn.q_proj", false));
         assert!(names.matches("model.layers.7.mlp.down_proj", false));
         assert!(!names.matches("model.layers.0.self_attn.k_proj", false));
-        assert!(!names.matches("model.layers.0.self_attn.xq_proj", false), "suffix must follow a dot");
-        let all = LoraConfig { target_modules: TargetModules::Pattern("all-linear".into()), ..Default::default() }
-            .matcher()
-            .unwrap();
+        assert!(
+            !names.matches("model.layers.0.self_attn.xq_proj", false),
+            "suffix must follow a dot"
+        );
+        let all = LoraConfig {
+            target_modules: TargetModules::Pattern("all-linear".into()),
+            ..Default::default()
+        }
+        .matcher()
+        .unwrap();
         assert!(all.matches("model.layers.0.mlp.up_proj", false));
         assert!(!all.matches("lm_head", true));
         let re = LoraConfig {
-            target_modules: TargetModules::Pattern(r"model\.layers\.(0|1)\.self_attn\.(q|v)_proj".into()),
+            target_modules: TargetModules::Pattern(
+                r"model\.layers\.(0|1)\.self_attn\.(q|v)_proj".into(),
+            ),
             ..Default::default()
         }
         .matcher()
         .unwrap();
         assert!(re.matches("model.layers.1.self_attn.v_proj", false));
-        assert!(!re.matches("model.layers.11.self_attn.v_proj", false), "regex must match the whole name");
-        let bad = LoraConfig { target_modules: TargetModules::Pattern("(".into()), ..Default::default() };
+        assert!(
+            !re.matches("model.layers.11.self_attn.v_proj", false),
+            "regex must match the whole name"
+        );
+        let bad = LoraConfig {
+            target_modules: TargetModules::Pattern("(".into()),
+            ..Default::default()
+        };
         assert!(bad.matcher().is_err());
     }
 
     #[test]
     fn init_is_kaiming_uniform_and_zero() {
-        let cfg = LoraConfig { rank: 4, ..Default::default() };
+        let cfg = LoraConfig {
+            rank: 4,
+            ..Default::default()
+        };
         let ad = LoraAdapter::init(100, 7, &cfg, &mut rng(0), &Device::Cpu).unwrap();
-        let a = ad.a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a =
+            ad.a.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
         assert!(a.iter().all(|v| v.abs() <= 0.1), "bound is 1/sqrt(100)");
         assert!(a.iter().any(|v| v.abs() > 0.05));
-        let b = ad.b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b =
+            ad.b.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
         assert!(b.iter().all(|&v| v == 0.0));
     }
 
     #[test]
     fn peft_files_round_trip() {
         let dir = std::env::temp_dir().join(format!("ftbench-peft-{}", std::process::id()));
-        let cfg = LoraConfig { rank: 2, alpha: 4.0, ..Default::default() };
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            ..Default::default()
+        };
         let mut r = rng(1);
         let ad = LoraAdapter::init(5, 3, &cfg, &mut r, &Device::Cpu).unwrap();
-        ad.b.set(&Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
-        save_peft(&dir, &cfg, &[("model.layers.0.self_attn.q_proj".into(), &ad)], "m").unwrap();
+        ad.b.set(&Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        save_peft(
+            &dir,
+            &cfg,
+            &[("model.layers.0.self_attn.q_proj".into(), &ad)],
+            "m",
+        )
+        .unwrap();
         let back = load_peft(&dir, &Device::Cpu).unwrap();
         assert_eq!(back.config.rank, 2);
         assert_eq!(back.config.alpha, 4.0);
         let (a, b) = &back.weights["model.layers.0.self_attn.q_proj"];
         assert_eq!(a.dims(), &[2, 5]);
         assert_eq!(b.dims(), &[3, 2]);
-        let names = safetensors::SafeTensors::deserialize(&std::fs::read(dir.join("adapter_model.safetensors")).unwrap())
-            .unwrap()
-            .names()
-            .into_iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>();
-        assert!(names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()));
+        let names = safetensors::SafeTensors::deserialize(
+            &std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
+        )
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
+        assert!(names.contains(
+            &"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()
+        ));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -141,7 +141,10 @@ impl KvCache {
         Self::default()
     }
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -166,7 +169,13 @@ pub type Weights = HashMap<String, Tensor>;
 impl Decoder {
     /// Builds the decoder from HF-named weights. In LoRA mode, adapters are created on the
     /// matching linear layers (seeded); an adapter that matches nothing is an error.
-    pub fn new(config: ModelConfig, mut weights: Weights, mode: TrainMode, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: ModelConfig,
+        mut weights: Weights,
+        mode: TrainMode,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         config.validate().map_err(|m| Error::config("model", m))?;
         let c = &config;
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
@@ -176,29 +185,66 @@ impl Decoder {
             if t.dims() != shape {
                 return Err(Error::config(
                     "model",
-                    format!("weight `{name}` has shape {:?}, expected {shape:?}", t.dims()),
+                    format!(
+                        "weight `{name}` has shape {:?}, expected {shape:?}",
+                        t.dims()
+                    ),
                 ));
             }
             Ok(t.to_dtype(DType::F32)?.to_device(device)?)
         };
         let full = mode == TrainMode::Full;
         let gemma = c.is_gemma();
-        let norm = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>, name: String, dim: usize| -> Result<Norm> {
+        let norm = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
+                    name: String,
+                    dim: usize|
+         -> Result<Norm> {
             let mut w = take(&format!("{name}.weight"), &[dim])?;
             if gemma {
                 w = (w + 1.0)?;
             }
-            let var = if full { Some(Var::from_tensor(&w)?) } else { None };
-            Ok(Norm { name, weight: w, var, eps: c.rms_norm_eps })
+            let var = if full {
+                Some(Var::from_tensor(&w)?)
+            } else {
+                None
+            };
+            Ok(Norm {
+                name,
+                weight: w,
+                var,
+                eps: c.rms_norm_eps,
+            })
         };
-        let linear = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>, name: String, out_f: usize, in_f: usize, bias: bool| -> Result<Linear> {
+        let linear = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
+                      name: String,
+                      out_f: usize,
+                      in_f: usize,
+                      bias: bool|
+         -> Result<Linear> {
             let weight = take(&format!("{name}.weight"), &[out_f, in_f])?;
-            let bias = if bias { Some(take(&format!("{name}.bias"), &[out_f])?) } else { None };
-            let weight_var = if full { Some(Var::from_tensor(&weight)?) } else { None };
-            Ok(Linear { name, weight, weight_var, bias, lora: None })
+            let bias = if bias {
+                Some(take(&format!("{name}.bias"), &[out_f])?)
+            } else {
+                None
+            };
+            let weight_var = if full {
+                Some(Var::from_tensor(&weight)?)
+            } else {
+                None
+            };
+            Ok(Linear {
+                name,
+                weight,
+                weight_var,
+                bias,
+                lora: None,
+            })
         };
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let (q_dim, kv_dim) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
         let embed_tokens = take("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -210,15 +256,31 @@ impl Decoder {
                 k_proj: linear(take, format!("{p}.self_attn.k_proj"), kv_dim, h, c.qkv_bias)?,
                 v_proj: linear(take, format!("{p}.self_attn.v_proj"), kv_dim, h, c.qkv_bias)?,
                 o_proj: linear(take, format!("{p}.self_attn.o_proj"), h, q_dim, false)?,
-                q_norm: if gemma { Some(norm(take, format!("{p}.self_attn.q_norm"), c.head_dim)?) } else { None },
-                k_norm: if gemma { Some(norm(take, format!("{p}.self_attn.k_norm"), c.head_dim)?) } else { None },
-                post_attention_norm: if gemma { Some(norm(take, format!("{p}.post_attention_layernorm"), h)?) } else { None },
+                q_norm: if gemma {
+                    Some(norm(take, format!("{p}.self_attn.q_norm"), c.head_dim)?)
+                } else {
+                    None
+                },
+                k_norm: if gemma {
+                    Some(norm(take, format!("{p}.self_attn.k_norm"), c.head_dim)?)
+                } else {
+                    None
+                },
+                post_attention_norm: if gemma {
+                    Some(norm(take, format!("{p}.post_attention_layernorm"), h)?)
+                } else {
+                    None
+                },
                 pre_mlp_norm: if gemma {
                     norm(take, format!("{p}.pre_feedforward_layernorm"), h)?
                 } else {
                     norm(take, format!("{p}.post_attention_layernorm"), h)?
                 },
-                post_mlp_norm: if gemma { Some(norm(take, format!("{p}.post_feedforward_layernorm"), h)?) } else { None },
+                post_mlp_norm: if gemma {
+                    Some(norm(take, format!("{p}.post_feedforward_layernorm"), h)?)
+                } else {
+                    None
+                },
                 gate_proj: linear(take, format!("{p}.mlp.gate_proj"), i, h, false)?,
                 up_proj: linear(take, format!("{p}.mlp.up_proj"), i, h, false)?,
                 down_proj: linear(take, format!("{p}.mlp.down_proj"), h, i, false)?,
@@ -230,9 +292,19 @@ impl Decoder {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(linear(&mut take, "lm_head".to_string(), c.vocab_size, h, false)?)
+            Some(linear(
+                &mut take,
+                "lm_head".to_string(),
+                c.vocab_size,
+                h,
+                false,
+            )?)
         };
-        let embed_var = if full { Some(Var::from_tensor(&embed_tokens)?) } else { None };
+        let embed_var = if full {
+            Some(Var::from_tensor(&embed_tokens)?)
+        } else {
+            None
+        };
         let mut model = Decoder {
             config,
             device: device.clone(),
@@ -254,7 +326,15 @@ impl Decoder {
     pub fn linears(&self) -> Vec<&Linear> {
         let mut v = Vec::new();
         for b in &self.blocks {
-            v.extend([&b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj]);
+            v.extend([
+                &b.q_proj,
+                &b.k_proj,
+                &b.v_proj,
+                &b.o_proj,
+                &b.gate_proj,
+                &b.up_proj,
+                &b.down_proj,
+            ]);
         }
         v.extend(self.lm_head.as_ref());
         v
@@ -284,21 +364,37 @@ impl Decoder {
         let mut n = 0;
         for lin in self.linears_mut() {
             if matcher.matches(&lin.name, lin.name == "lm_head") {
-                lin.lora = Some(LoraAdapter::init(lin.in_features(), lin.out_features(), lc, &mut rng, &device)?);
+                lin.lora = Some(LoraAdapter::init(
+                    lin.in_features(),
+                    lin.out_features(),
+                    lc,
+                    &mut rng,
+                    &device,
+                )?);
                 n += 1;
             }
         }
         if n == 0 {
             return Err(Error::config(
                 "lora.target_modules",
-                format!("{:?} matches no linear layer of this model (names look like model.layers.0.self_attn.q_proj)", lc.target_modules),
+                format!(
+                    "{} matches no linear layer of this model (names look like model.layers.0.self_attn.q_proj)",
+                    match &lc.target_modules {
+                        crate::lora::TargetModules::List(v) => format!("{v:?}"),
+                        crate::lora::TargetModules::Pattern(p) => format!("{p:?}"),
+                    }
+                ),
             ));
         }
         Ok(())
     }
 
     /// Replaces the adapters' weights with those of a loaded PEFT adapter.
-    pub fn load_adapter(&mut self, adapter: &crate::lora::PeftAdapter, path: &std::path::Path) -> Result<()> {
+    pub fn load_adapter(
+        &mut self,
+        adapter: &crate::lora::PeftAdapter,
+        path: &std::path::Path,
+    ) -> Result<()> {
         let lc = adapter.config.clone();
         let device = self.device.clone();
         let mut rng = crate::lora::rng(0);
@@ -318,7 +414,13 @@ impl Decoder {
                         ),
                     });
                 }
-                let ad = LoraAdapter::init(lin.in_features(), lin.out_features(), &lc, &mut rng, &device)?;
+                let ad = LoraAdapter::init(
+                    lin.in_features(),
+                    lin.out_features(),
+                    &lc,
+                    &mut rng,
+                    &device,
+                )?;
                 ad.a.set(&a.to_device(&device)?)?;
                 ad.b.set(&b.to_device(&device)?)?;
                 lin.lora = Some(ad);
@@ -327,7 +429,11 @@ impl Decoder {
         }
         if used != adapter.weights.len() {
             let names: Vec<String> = self.linears().iter().map(|l| l.name.clone()).collect();
-            let missing: Vec<&String> = adapter.weights.keys().filter(|k| !names.contains(k)).collect();
+            let missing: Vec<&String> = adapter
+                .weights
+                .keys()
+                .filter(|k| !names.contains(k))
+                .collect();
             return Err(Error::Adapter {
                 path: path.to_path_buf(),
                 msg: format!("modules not in the base model: {missing:?}"),
@@ -360,7 +466,16 @@ impl Decoder {
         for b in &self.blocks {
             norms.push(&b.input_layernorm);
             norms.push(&b.pre_mlp_norm);
-            norms.extend([&b.q_norm, &b.k_norm, &b.post_attention_norm, &b.post_mlp_norm].into_iter().flatten());
+            norms.extend(
+                [
+                    &b.q_norm,
+                    &b.k_norm,
+                    &b.post_attention_norm,
+                    &b.post_mlp_norm,
+                ]
+                .into_iter()
+                .flatten(),
+            );
         }
         for n in norms {
             if let Some(v) = &n.var {
@@ -372,7 +487,10 @@ impl Decoder {
 
     /// The adapters with their module paths.
     pub fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
-        self.linears().into_iter().filter_map(|l| l.lora.as_ref().map(|a| (l.name.clone(), a))).collect()
+        self.linears()
+            .into_iter()
+            .filter_map(|l| l.lora.as_ref().map(|a| (l.name.clone(), a)))
+            .collect()
     }
 
     /// Folds each adapter into its base weight and removes it.
@@ -394,10 +512,17 @@ impl Decoder {
     pub fn hf_weights(&self, merge: bool) -> Result<Weights> {
         let gemma = self.config.is_gemma();
         let mut w = Weights::new();
-        let embed = self.embed_var.as_ref().map_or(self.embed_tokens.clone(), |v| v.as_tensor().clone());
+        let embed = self
+            .embed_var
+            .as_ref()
+            .map_or(self.embed_tokens.clone(), |v| v.as_tensor().clone());
         w.insert("model.embed_tokens.weight".into(), embed);
         for lin in self.linears() {
-            let t = if merge { lin.merged_weight()? } else { lin.current_weight() };
+            let t = if merge {
+                lin.merged_weight()?
+            } else {
+                lin.current_weight()
+            };
             w.insert(format!("{}.weight", lin.name), t);
             if let Some(b) = &lin.bias {
                 w.insert(format!("{}.bias", lin.name), b.clone());
@@ -407,30 +532,60 @@ impl Decoder {
         for b in &self.blocks {
             norms.push(&b.input_layernorm);
             norms.push(&b.pre_mlp_norm);
-            norms.extend([&b.q_norm, &b.k_norm, &b.post_attention_norm, &b.post_mlp_norm].into_iter().flatten());
+            norms.extend(
+                [
+                    &b.q_norm,
+                    &b.k_norm,
+                    &b.post_attention_norm,
+                    &b.post_mlp_norm,
+                ]
+                .into_iter()
+                .flatten(),
+            );
         }
         for n in norms {
-            let t = n.var.as_ref().map_or(n.weight.clone(), |v| v.as_tensor().clone());
-            w.insert(format!("{}.weight", n.name), if gemma { (t - 1.0)? } else { t });
+            let t = n
+                .var
+                .as_ref()
+                .map_or(n.weight.clone(), |v| v.as_tensor().clone());
+            w.insert(
+                format!("{}.weight", n.name),
+                if gemma { (t - 1.0)? } else { t },
+            );
         }
         Ok(w)
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let table = self.embed_var.as_ref().map_or(&self.embed_tokens, |v| v.as_tensor());
-        let x = table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        let table = self
+            .embed_var
+            .as_ref()
+            .map_or(&self.embed_tokens, |v| v.as_tensor());
+        let x =
+            table
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, self.config.hidden_size))?;
         Ok(match self.config.embedding_scale() {
             Some(s) => (x * s)?,
             None => x,
         })
     }
 
-    /// cos/sin tables `[t, head_dim/2]` for positions `start..start+t` at RoPE base `base`.
-    fn rope_tables(&self, base: f64, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    /// cos/sin tables `[t, head_dim/2]` for positions `start..start+t` at RoPE base `base`,
+    /// with the config's frequency scaling when `scaled`.
+    fn rope_tables(
+        &self,
+        base: f64,
+        scaled: bool,
+        start: usize,
+        t: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let d = self.config.head_dim;
-        let mut inv_freq: Vec<f64> = (0..d / 2).map(|i| 1.0 / base.powf(2.0 * i as f64 / d as f64)).collect();
-        if let Some(s) = &self.config.rope_scaling {
+        let mut inv_freq: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / base.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        if let Some(s) = self.config.rope_scaling.as_ref().filter(|_| scaled) {
             if s.rope_type == "linear" {
                 inv_freq.iter_mut().for_each(|f| *f /= s.factor);
             } else {
@@ -460,7 +615,13 @@ impl Decoder {
 
     /// Additive attention mask `[rows, total]` for `t` new positions after `past` cached
     /// ones; rows are `groups` copies of the `t` query positions (grouped-query layout).
-    fn attention_mask(&self, t: usize, past: usize, groups: usize, window: Option<usize>) -> Result<Tensor> {
+    fn attention_mask(
+        &self,
+        t: usize,
+        past: usize,
+        groups: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
         let total = past + t;
         let mut m = vec![0f32; groups * t * total];
         for g in 0..groups {
@@ -480,14 +641,23 @@ impl Decoder {
 
     /// Hidden states after the final norm, `[b, t, hidden]`. With a cache, `ids` are the new
     /// positions and the cache is extended.
-    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, ctx: &mut Ctx) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         if past + t > c.max_position_embeddings {
             return Err(Error::config(
                 "max_seq_len",
-                format!("sequence of {} tokens exceeds the model's context of {}", past + t, c.max_position_embeddings),
+                format!(
+                    "sequence of {} tokens exceeds the model's context of {}",
+                    past + t,
+                    c.max_position_embeddings
+                ),
             ));
         }
         if let Some(cache) = cache.as_deref_mut() {
@@ -498,7 +668,8 @@ impl Decoder {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let groups = nh / nkv;
         // rope tables and masks, shared by layers of the same kind
-        let mut tables: Vec<(f64, Tensor, Tensor)> = Vec::new();
+        // keyed by (base, scaled): Gemma 3 scales only its global layers' frequencies
+        let mut tables: Vec<((f64, bool), Tensor, Tensor)> = Vec::new();
         let full_mask = self.attention_mask(t, past, groups, None)?;
         let local_mask = match c.sliding_window {
             Some(w) => Some(self.attention_mask(t, past, groups, Some(w))?),
@@ -506,11 +677,12 @@ impl Decoder {
         };
         let mut x = self.embed(ids)?;
         for (l, blk) in self.blocks.iter().enumerate() {
-            if !tables.iter().any(|(base, _, _)| *base == blk.rope_base) {
-                let (cos, sin) = self.rope_tables(blk.rope_base, past, t)?;
-                tables.push((blk.rope_base, cos, sin));
+            let key = (blk.rope_base, !(c.is_gemma() && blk.sliding));
+            if !tables.iter().any(|(k, _, _)| *k == key) {
+                let (cos, sin) = self.rope_tables(key.0, key.1, past, t)?;
+                tables.push((key, cos, sin));
             }
-            let (_, cos, sin) = tables.iter().find(|(base, _, _)| *base == blk.rope_base).unwrap();
+            let (_, cos, sin) = tables.iter().find(|(k, _, _)| *k == key).unwrap();
 
             // attention: [b, t, h] -> q [b, nh, t, hd], k/v [b, nkv, t, hd]
             let residual = &x;
@@ -539,10 +711,17 @@ impl Decoder {
             if let Some(cap) = c.attn_logit_softcapping {
                 scores = ((scores / cap)?.tanh()? * cap)?;
             }
-            let mask = if blk.sliding { local_mask.as_ref().unwrap_or(&full_mask) } else { &full_mask };
+            let mask = if blk.sliding {
+                local_mask.as_ref().unwrap_or(&full_mask)
+            } else {
+                &full_mask
+            };
             let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
             let attn = probs.matmul(&v)?; // [b, nkv, g·t, hd]
-            let attn = attn.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let attn = attn
+                .reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
             debug_assert_eq!(total, k.dims()[2]);
             let mut a = blk.o_proj.forward(&attn, ctx)?;
             if let Some(n) = &blk.post_attention_norm {
@@ -570,8 +749,14 @@ impl Decoder {
     /// The LM head weight `[vocab, hidden]`.
     fn head_weight(&self) -> Tensor {
         match &self.lm_head {
-            Some(l) => l.weight_var.as_ref().map_or(l.weight.clone(), |v| v.as_tensor().clone()),
-            None => self.embed_var.as_ref().map_or(self.embed_tokens.clone(), |v| v.as_tensor().clone()),
+            Some(l) => l
+                .weight_var
+                .as_ref()
+                .map_or(l.weight.clone(), |v| v.as_tensor().clone()),
+            None => self
+                .embed_var
+                .as_ref()
+                .map_or(self.embed_tokens.clone(), |v| v.as_tensor().clone()),
         }
     }
 
@@ -590,7 +775,13 @@ impl Decoder {
 
     /// Masked mean next-token cross-entropy of a batch. `ids`, `targets`: `[b, t]`;
     /// `mask`: per position, the loss weight (0 for prompt and padding).
-    pub fn loss(&self, ids: &Tensor, targets: &[u32], mask: &[f32], rng: Option<&mut StdRng>) -> Result<Tensor> {
+    pub fn loss(
+        &self,
+        ids: &Tensor,
+        targets: &[u32],
+        mask: &[f32],
+        rng: Option<&mut StdRng>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let h = self.forward_hidden(ids, None, &mut Ctx { dropout_rng: rng })?;
         let h = h.reshape((b * t, self.config.hidden_size))?;
@@ -600,7 +791,14 @@ impl Decoder {
             return masked_cross_entropy(&logits, targets, mask);
         }
         let weight_grad = self.mode == TrainMode::Full;
-        Ok(ops::lm_head_loss(&h, &self.head_weight(), targets.to_vec(), mask.to_vec(), weight_grad, self.config.final_logit_softcapping)?)
+        Ok(ops::lm_head_loss(
+            &h,
+            &self.head_weight(),
+            targets.to_vec(),
+            mask.to_vec(),
+            weight_grad,
+            self.config.final_logit_softcapping,
+        )?)
     }
 
     fn forward_logits_from_hidden(&self, h: &Tensor) -> Result<Tensor> {
@@ -633,44 +831,113 @@ pub fn random_weights(c: &ModelConfig, seed: u64, device: &Device) -> Result<Wei
     use rand_distr_free::normal;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut w = Weights::new();
-    let mat = |name: String, shape: (usize, usize), w: &mut Weights, rng: &mut StdRng| -> Result<()> {
-        let n = shape.0 * shape.1;
-        let v: Vec<f32> = (0..n).map(|_| (normal(rng) * 0.02) as f32).collect();
-        w.insert(name, Tensor::from_vec(v, shape, device)?);
-        Ok(())
-    };
+    let mat =
+        |name: String, shape: (usize, usize), w: &mut Weights, rng: &mut StdRng| -> Result<()> {
+            let n = shape.0 * shape.1;
+            let v: Vec<f32> = (0..n).map(|_| (normal(rng) * 0.02) as f32).collect();
+            w.insert(name, Tensor::from_vec(v, shape, device)?);
+            Ok(())
+        };
     let gemma = c.is_gemma();
     let norm = |name: String, dim: usize, w: &mut Weights, rng: &mut StdRng| -> Result<()> {
         // HF convention: Gemma stores w (applied as 1 + w), others store the factor.
-        let v: Vec<f32> = (0..dim).map(|_| (if gemma { 0.0 } else { 1.0 }) + rng.random_range(-0.1..0.1f32)).collect();
+        let v: Vec<f32> = (0..dim)
+            .map(|_| (if gemma { 0.0 } else { 1.0 }) + rng.random_range(-0.1..0.1f32))
+            .collect();
         w.insert(name, Tensor::from_vec(v, dim, device)?);
         Ok(())
     };
     let (h, i) = (c.hidden_size, c.intermediate_size);
-    let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
-    mat("model.embed_tokens.weight".into(), (c.vocab_size, h), &mut w, &mut rng)?;
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    mat(
+        "model.embed_tokens.weight".into(),
+        (c.vocab_size, h),
+        &mut w,
+        &mut rng,
+    )?;
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         norm(format!("{p}.input_layernorm.weight"), h, &mut w, &mut rng)?;
-        mat(format!("{p}.self_attn.q_proj.weight"), (q, h), &mut w, &mut rng)?;
-        mat(format!("{p}.self_attn.k_proj.weight"), (kv, h), &mut w, &mut rng)?;
-        mat(format!("{p}.self_attn.v_proj.weight"), (kv, h), &mut w, &mut rng)?;
-        mat(format!("{p}.self_attn.o_proj.weight"), (h, q), &mut w, &mut rng)?;
+        mat(
+            format!("{p}.self_attn.q_proj.weight"),
+            (q, h),
+            &mut w,
+            &mut rng,
+        )?;
+        mat(
+            format!("{p}.self_attn.k_proj.weight"),
+            (kv, h),
+            &mut w,
+            &mut rng,
+        )?;
+        mat(
+            format!("{p}.self_attn.v_proj.weight"),
+            (kv, h),
+            &mut w,
+            &mut rng,
+        )?;
+        mat(
+            format!("{p}.self_attn.o_proj.weight"),
+            (h, q),
+            &mut w,
+            &mut rng,
+        )?;
         if c.qkv_bias {
             for (n, d) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
                 let v: Vec<f32> = (0..d).map(|_| (normal(&mut rng) * 0.02) as f32).collect();
-                w.insert(format!("{p}.self_attn.{n}.bias"), Tensor::from_vec(v, d, device)?);
+                w.insert(
+                    format!("{p}.self_attn.{n}.bias"),
+                    Tensor::from_vec(v, d, device)?,
+                );
             }
         }
-        mat(format!("{p}.mlp.gate_proj.weight"), (i, h), &mut w, &mut rng)?;
+        mat(
+            format!("{p}.mlp.gate_proj.weight"),
+            (i, h),
+            &mut w,
+            &mut rng,
+        )?;
         mat(format!("{p}.mlp.up_proj.weight"), (i, h), &mut w, &mut rng)?;
-        mat(format!("{p}.mlp.down_proj.weight"), (h, i), &mut w, &mut rng)?;
-        norm(format!("{p}.post_attention_layernorm.weight"), h, &mut w, &mut rng)?;
+        mat(
+            format!("{p}.mlp.down_proj.weight"),
+            (h, i),
+            &mut w,
+            &mut rng,
+        )?;
+        norm(
+            format!("{p}.post_attention_layernorm.weight"),
+            h,
+            &mut w,
+            &mut rng,
+        )?;
         if gemma {
-            norm(format!("{p}.self_attn.q_norm.weight"), c.head_dim, &mut w, &mut rng)?;
-            norm(format!("{p}.self_attn.k_norm.weight"), c.head_dim, &mut w, &mut rng)?;
-            norm(format!("{p}.pre_feedforward_layernorm.weight"), h, &mut w, &mut rng)?;
-            norm(format!("{p}.post_feedforward_layernorm.weight"), h, &mut w, &mut rng)?;
+            norm(
+                format!("{p}.self_attn.q_norm.weight"),
+                c.head_dim,
+                &mut w,
+                &mut rng,
+            )?;
+            norm(
+                format!("{p}.self_attn.k_norm.weight"),
+                c.head_dim,
+                &mut w,
+                &mut rng,
+            )?;
+            norm(
+                format!("{p}.pre_feedforward_layernorm.weight"),
+                h,
+                &mut w,
+                &mut rng,
+            )?;
+            norm(
+                format!("{p}.post_feedforward_layernorm.weight"),
+                h,
+                &mut w,
+                &mut rng,
+            )?;
         }
     }
     norm("model.norm.weight".into(), h, &mut w, &mut rng)?;

@@ -61,13 +61,15 @@ fn rms_norm_fwd<T: WithDType>(
         candle_core::bail!("rms_norm: weight of {d} elements for input {:?}", xl.dims());
     }
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-        let ms = xr.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / d as f64;
-        let r = 1.0 / (ms + eps).sqrt();
-        for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-            *yv = T::from_f64(xv.to_f64() * r * wv.to_f64());
-        }
-    });
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(yr, xr)| {
+            let ms = xr.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / d as f64;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                *yv = T::from_f64(xv.to_f64() * r * wv.to_f64());
+            }
+        });
     Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
 }
 
@@ -94,7 +96,9 @@ impl CustomOp2 for RmsNorm {
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         // r = 1/rms(x), xhat = x r; dw = Σ_rows dy xhat; dx = r (g - xhat mean(g xhat)), g = dy w
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
         let xhat = x.broadcast_mul(&r)?;
         let d = w.dim(0)?;
         let dw = (dy * &xhat)?.reshape(((), d))?.sum(0)?;
@@ -120,19 +124,24 @@ fn softmax_fwd<T: WithDType>(s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage,
     let x = contiguous_slice::<T>(s, l, "softmax")?;
     let d = *l.dims().last().unwrap_or(&1);
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(d.max(1)).zip(x.par_chunks(d.max(1))).for_each(|(yr, xr)| {
-        let max = xr.iter().map(|v| v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
-        let mut sum = 0.0;
-        for (yv, xv) in yr.iter_mut().zip(xr) {
-            let e = (xv.to_f64() - max).exp();
-            sum += e;
-            *yv = T::from_f64(e);
-        }
-        let inv = 1.0 / sum;
-        for yv in yr.iter_mut() {
-            *yv = T::from_f64(yv.to_f64() * inv);
-        }
-    });
+    y.par_chunks_mut(d.max(1))
+        .zip(x.par_chunks(d.max(1)))
+        .for_each(|(yr, xr)| {
+            let max = xr
+                .iter()
+                .map(|v| v.to_f64())
+                .fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for (yv, xv) in yr.iter_mut().zip(xr) {
+                let e = (xv.to_f64() - max).exp();
+                sum += e;
+                *yv = T::from_f64(e);
+            }
+            let inv = 1.0 / sum;
+            for yv in yr.iter_mut() {
+                *yv = T::from_f64(yv.to_f64() * inv);
+            }
+        });
     Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
 }
 
@@ -176,23 +185,29 @@ fn rope_fwd<T: WithDType>(
     let (_b, _h, t, d) = l.shape().dims4()?;
     let half = d / 2;
     if cos.dims() != [t, half] || sin.dims() != [t, half] {
-        candle_core::bail!("rope: cos/sin of shape {:?} for input {:?}", cos.dims(), l.dims());
+        candle_core::bail!(
+            "rope: cos/sin of shape {:?} for input {:?}",
+            cos.dims(),
+            l.dims()
+        );
     }
     let cos = cos.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let sin = sin.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let mut y = vec![T::zero(); x.len()];
     // one chunk per (batch, head): [t, d]
-    y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(yh, xh)| {
-        for p in 0..t {
-            let (xr, yr) = (&xh[p * d..(p + 1) * d], &mut yh[p * d..(p + 1) * d]);
-            for i in 0..half {
-                let (c, sn) = (cos[p * half + i], sin[p * half + i]);
-                let (x1, x2) = (xr[i].to_f64(), xr[i + half].to_f64());
-                yr[i] = T::from_f64(x1 * c - x2 * sn);
-                yr[i + half] = T::from_f64(x2 * c + x1 * sn);
+    y.par_chunks_mut(t * d)
+        .zip(x.par_chunks(t * d))
+        .for_each(|(yh, xh)| {
+            for p in 0..t {
+                let (xr, yr) = (&xh[p * d..(p + 1) * d], &mut yh[p * d..(p + 1) * d]);
+                for i in 0..half {
+                    let (c, sn) = (cos[p * half + i], sin[p * half + i]);
+                    let (x1, x2) = (xr[i].to_f64(), xr[i + half].to_f64());
+                    yr[i] = T::from_f64(x1 * c - x2 * sn);
+                    yr[i + half] = T::from_f64(x2 * c + x1 * sn);
+                }
             }
-        }
-    });
+        });
     Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
 }
 
@@ -207,7 +222,10 @@ impl CustomOp1 for Rope {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
         // The rotation is orthogonal: its transpose is the rotation by -θ.
-        let inverse = Rope { cos: self.cos.clone(), sin: self.sin.neg()? };
+        let inverse = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.neg()?,
+        };
         Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&inverse)?))
     }
 }
@@ -272,7 +290,9 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> CResult<Tensor> {
         // spending memory.
         candle_core::bail!("frozen_linear: only the cpu device is supported in this build");
     }
-    x.contiguous()?.apply_op1(FrozenLinear { weight: weight.clone() })
+    x.contiguous()?.apply_op1(FrozenLinear {
+        weight: weight.clone(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -309,7 +329,9 @@ fn fast_exp(x: f32) -> f32 {
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
-            + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+            + r * (0.5
+                + r * (0.166_666_67
+                    + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
     let bits = ((n as i32 + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
@@ -334,12 +356,20 @@ fn nll_and_grad_f32(row: &mut [f32], tgt: usize, scale: f32) -> f64 {
 }
 
 /// The same in f64, with optional soft-capping `z = cap·tanh(l / cap)`.
-fn nll_and_grad_generic<T: WithDType>(row: &mut [T], tgt: usize, scale: f64, softcap: Option<f64>) -> f64 {
+fn nll_and_grad_generic<T: WithDType>(
+    row: &mut [T],
+    tgt: usize,
+    scale: f64,
+    softcap: Option<f64>,
+) -> f64 {
     let capped = |l: f64| match softcap {
         Some(cap) => cap * (l / cap).tanh(),
         None => l,
     };
-    let max = row.iter().map(|v| capped(v.to_f64())).fold(f64::NEG_INFINITY, f64::max);
+    let max = row
+        .iter()
+        .map(|v| capped(v.to_f64()))
+        .fold(f64::NEG_INFINITY, f64::max);
     let sum: f64 = row.iter().map(|v| (capped(v.to_f64()) - max).exp()).sum();
     let lse = max + sum.ln();
     let nll = lse - capped(row[tgt].to_f64());
@@ -400,7 +430,10 @@ impl LmHeadLoss {
         let mut loss = 0.0f64;
         let mut dh = vec![T::zero(); n * hidden];
         let mut dw: Option<CpuStorage> = None;
-        let chunk = self.chunk.unwrap_or_else(|| lm_head_chunk(vocab, T::DTYPE.size_in_bytes())).max(1);
+        let chunk = self
+            .chunk
+            .unwrap_or_else(|| lm_head_chunk(vocab, T::DTYPE.size_in_bytes()))
+            .max(1);
         for start in (0..n).step_by(chunk) {
             let end = (start + chunk).min(n);
             let c = end - start;
@@ -426,7 +459,12 @@ impl LmHeadLoss {
                     let nll = match (T::DTYPE, self.softcap) {
                         (DType::F32, None) => {
                             // SAFETY: T::DTYPE is F32, so T is f32 and the slice keeps its layout
-                            let row32: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut f32, row.len()) };
+                            let row32: &mut [f32] = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    row.as_mut_ptr() as *mut f32,
+                                    row.len(),
+                                )
+                            };
                             nll_and_grad_f32(row32, tgt, scale as f32)
                         }
                         _ => nll_and_grad_generic(row, tgt, scale, self.softcap),
@@ -456,10 +494,17 @@ impl LmHeadLoss {
         let dw = match (self.weight_grad, dw) {
             (false, _) => None,
             (true, None) => Some(Tensor::zeros((vocab, hidden), T::DTYPE, &dev)?),
-            (true, Some(s)) => Some(Tensor::from_vec(s.as_slice::<T>()?.to_vec(), (vocab, hidden), &dev)?),
+            (true, Some(s)) => Some(Tensor::from_vec(
+                s.as_slice::<T>()?.to_vec(),
+                (vocab, hidden),
+                &dev,
+            )?),
         };
         *self.grads.lock().unwrap() = Some((dh, dw));
-        Ok((T::to_cpu_storage_owned(vec![T::from_f64(loss)]), Shape::from(())))
+        Ok((
+            T::to_cpu_storage_owned(vec![T::from_f64(loss)]),
+            Shape::from(()),
+        ))
     }
 }
 
@@ -530,7 +575,14 @@ pub fn lm_head_loss_chunked(
     if !h.device().is_cpu() {
         candle_core::bail!("lm_head_loss: only the cpu device is supported in this build");
     }
-    let op = LmHeadLoss { targets, mask, weight_grad, softcap, chunk, grads: Mutex::new(None) };
+    let op = LmHeadLoss {
+        targets,
+        mask,
+        weight_grad,
+        softcap,
+        chunk,
+        grads: Mutex::new(None),
+    };
     h.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
@@ -559,10 +611,14 @@ mod tests {
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         // a small deterministic generator so the tests do not depend on candle's RNG
         let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let v: Vec<f64> = (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
             })
             .collect();
@@ -570,7 +626,16 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     /// Gradients of `sum(f(x) * probe)` through the op against the same through composed
@@ -581,16 +646,35 @@ mod tests {
         composed: impl Fn(&[Tensor]) -> Tensor,
         tol: f64,
     ) {
-        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y1 = op(&ts);
         let y2 = composed(&ts);
-        assert!(max_abs_diff(&y1, &y2) < tol, "forward differs: {}", max_abs_diff(&y1, &y2));
+        assert!(
+            max_abs_diff(&y1, &y2) < tol,
+            "forward differs: {}",
+            max_abs_diff(&y1, &y2)
+        );
         let probe = randn(y1.dims(), 99);
-        let g1 = (&y1 * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&y2 * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g1 = (&y1 * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (&y2 * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (i, v) in vars.iter().enumerate() {
-            let a = g1.get(v).unwrap_or_else(|| panic!("op gave no gradient for input {i}"));
+            let a = g1
+                .get(v)
+                .unwrap_or_else(|| panic!("op gave no gradient for input {i}"));
             let b = g2.get(v).unwrap();
             let d = max_abs_diff(a, b);
             assert!(d < tol, "gradient of input {i} differs by {d}");
@@ -606,8 +690,14 @@ mod tests {
             &[x, w],
             |t| rms_norm(&t[0], &t[1], eps).unwrap(),
             |t| {
-                let r = (t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps).unwrap().sqrt().unwrap();
-                t[0].broadcast_div(&r).unwrap().broadcast_mul(&t[1]).unwrap()
+                let r = (t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
+                    .unwrap()
+                    .sqrt()
+                    .unwrap();
+                t[0].broadcast_div(&r)
+                    .unwrap()
+                    .broadcast_mul(&t[1])
+                    .unwrap()
             },
             1e-10,
         );
@@ -631,8 +721,11 @@ mod tests {
     fn rope_matches_composed_ops() {
         let (t, d) = (5, 8);
         let x = randn(&[2, 3, t, d], 4);
-        let theta: Vec<f64> =
-            (0..t).flat_map(|p| (0..d / 2).map(move |i| p as f64 / 10000f64.powf(2.0 * i as f64 / d as f64))).collect();
+        let theta: Vec<f64> = (0..t)
+            .flat_map(|p| {
+                (0..d / 2).map(move |i| p as f64 / 10000f64.powf(2.0 * i as f64 / d as f64))
+            })
+            .collect();
         let theta = Tensor::from_vec(theta, (t, d / 2), &Device::Cpu).unwrap();
         let (cos, sin) = (theta.cos().unwrap(), theta.sin().unwrap());
         let (c2, s2) = (cos.clone(), sin.clone());
@@ -655,13 +748,29 @@ mod tests {
         let x = Var::from_tensor(&randn(&[2, 3, 6], 5)).unwrap();
         let w = Var::from_tensor(&randn(&[4, 6], 6)).unwrap();
         let y = frozen_linear(x.as_tensor(), w.as_tensor()).unwrap();
-        let y_ref = x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let y_ref = x
+            .as_tensor()
+            .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap();
         assert!(max_abs_diff(&y, &y_ref) < 1e-12);
         let probe = randn(&[2, 3, 4], 7);
-        let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (&y_ref * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ref = (&y_ref * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         assert!(max_abs_diff(g.get(&x).unwrap(), g_ref.get(&x).unwrap()) < 1e-12);
-        assert!(g.get(&w).is_none(), "the frozen weight must get no gradient");
+        assert!(
+            g.get(&w).is_none(),
+            "the frozen weight must get no gradient"
+        );
     }
 
     #[test]
@@ -675,7 +784,16 @@ mod tests {
         let (t2, m2) = (targets.clone(), mask.clone());
         let hv = Var::from_tensor(&h).unwrap();
         let wv = Var::from_tensor(&w).unwrap();
-        let l1 = lm_head_loss_chunked(hv.as_tensor(), wv.as_tensor(), targets, mask, true, None, Some(128)).unwrap();
+        let l1 = lm_head_loss_chunked(
+            hv.as_tensor(),
+            wv.as_tensor(),
+            targets,
+            mask,
+            true,
+            None,
+            Some(128),
+        )
+        .unwrap();
         let l2 = lm_head_loss_reference(hv.as_tensor(), wv.as_tensor(), &t2, &m2).unwrap();
         assert!(max_abs_diff(&l1, &l2) < 1e-10);
         let g1 = (&l1 * 3.0).unwrap().backward().unwrap();
@@ -690,9 +808,27 @@ mod tests {
         let w = randn(&[5], 11);
         let xv = Var::from_tensor(&x).unwrap();
         let probe = randn(&[1, 5], 12);
-        let f = |x: &Tensor| (rms_norm(x, &w, 1e-6).unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-        let g = (rms_norm(xv.as_tensor(), &w, 1e-6).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g = g.get(&xv).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let f = |x: &Tensor| {
+            (rms_norm(x, &w, 1e-6).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let g = (rms_norm(xv.as_tensor(), &w, 1e-6).unwrap() * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = g
+            .get(&xv)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let xs = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let h = 1e-6;
         for i in 0..xs.len() {
@@ -703,7 +839,11 @@ mod tests {
             let fd = (f(&Tensor::from_vec(p, (1, 5), &Device::Cpu).unwrap())
                 - f(&Tensor::from_vec(m, (1, 5), &Device::Cpu).unwrap()))
                 / (2.0 * h);
-            assert!((fd - g[i]).abs() < 1e-7, "element {i}: finite difference {fd}, backward {}", g[i]);
+            assert!(
+                (fd - g[i]).abs() < 1e-7,
+                "element {i}: finite difference {fd}, backward {}",
+                g[i]
+            );
         }
     }
 
@@ -727,15 +867,33 @@ mod tests {
         let w = randn(&[vocab, hidden], 14);
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 11 + 5) % vocab as u32).collect();
         let mask = vec![1.0f32; n];
-        let reference = lm_head_loss_reference(&h, &w, &targets, &mask).unwrap().to_scalar::<f64>().unwrap();
+        let reference = lm_head_loss_reference(&h, &w, &targets, &mask)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let h32 = Var::from_tensor(&h.to_dtype(DType::F32).unwrap()).unwrap();
         let w32 = w.to_dtype(DType::F32).unwrap();
-        let l = lm_head_loss_chunked(h32.as_tensor(), &w32, targets.clone(), mask.clone(), false, None, Some(10)).unwrap();
+        let l = lm_head_loss_chunked(
+            h32.as_tensor(),
+            &w32,
+            targets.clone(),
+            mask.clone(),
+            false,
+            None,
+            Some(10),
+        )
+        .unwrap();
         assert!((l.to_scalar::<f32>().unwrap() as f64 - reference).abs() < 1e-5);
         let g = l.backward().unwrap();
         let hv = Var::from_tensor(&h).unwrap();
-        let g_ref = lm_head_loss_reference(hv.as_tensor(), &w, &targets, &mask).unwrap().backward().unwrap();
-        let d = max_abs_diff(&g.get(&h32).unwrap().to_dtype(DType::F64).unwrap(), g_ref.get(&hv).unwrap());
+        let g_ref = lm_head_loss_reference(hv.as_tensor(), &w, &targets, &mask)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = max_abs_diff(
+            &g.get(&h32).unwrap().to_dtype(DType::F64).unwrap(),
+            g_ref.get(&hv).unwrap(),
+        );
         assert!(d < 1e-6, "{d}");
     }
 }

@@ -191,7 +191,9 @@ fn default_results() -> PathBuf {
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        OutputConfig { dir: default_results() }
+        OutputConfig {
+            dir: default_results(),
+        }
     }
 }
 
@@ -199,15 +201,30 @@ impl RunConfig {
     /// Reads a TOML config and applies `key=value` overrides (dotted keys, TOML values;
     /// a value that is not valid TOML is taken as a string).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut value: toml::Value = toml::from_str(&text)
-            .map_err(|e| Error::config(path.display().to_string(), format!("invalid toml: {}", e.message())))?;
+            .map_err(|e| Error::config(&file, format!("invalid toml: {}", e.message().trim())))?;
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let cfg: RunConfig = value
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::config(path.display().to_string(), e.message().to_string()))?;
+        // Deserialise from text so the error carries a position, then name the key there.
+        let resolved = toml::to_string(&value).expect("a toml value serialises");
+        let cfg: RunConfig = toml::from_str(&resolved).map_err(|e| {
+            let key = e
+                .span()
+                .map(|sp| key_at(&resolved, sp.start))
+                .unwrap_or_default();
+            let whence = if overrides.is_empty() {
+                file.clone()
+            } else {
+                format!("{file} with --set overrides")
+            };
+            Error::config(
+                if key.is_empty() { whence.clone() } else { key },
+                format!("{} (in {whence})", e.message().trim()),
+            )
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -218,25 +235,63 @@ impl RunConfig {
             return Err(Error::config("train.steps", "must be at least 1, found 0"));
         }
         if t.batch_size == 0 {
-            return Err(Error::config("train.batch_size", "must be at least 1, found 0"));
+            return Err(Error::config(
+                "train.batch_size",
+                "must be at least 1, found 0",
+            ));
         }
         if t.gradient_accumulation_steps == 0 {
-            return Err(Error::config("train.gradient_accumulation_steps", "must be at least 1, found 0"));
+            return Err(Error::config(
+                "train.gradient_accumulation_steps",
+                "must be at least 1, found 0",
+            ));
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
-            return Err(Error::config("train.learning_rate", format!("must be positive, found {}", t.learning_rate)));
+            return Err(Error::config(
+                "train.learning_rate",
+                format!("must be positive, found {}", t.learning_rate),
+            ));
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-            return Err(Error::config("train.min_lr_ratio", format!("must be in [0, 1], found {}", t.min_lr_ratio)));
+            return Err(Error::config(
+                "train.min_lr_ratio",
+                format!("must be in [0, 1], found {}", t.min_lr_ratio),
+            ));
         }
         if t.max_grad_norm < 0.0 {
-            return Err(Error::config("train.max_grad_norm", format!("must be >= 0, found {}", t.max_grad_norm)));
+            return Err(Error::config(
+                "train.max_grad_norm",
+                format!("must be >= 0, found {}", t.max_grad_norm),
+            ));
         }
         self.lora.validate()
     }
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// The dotted key (`train.steps`) of the line holding byte `pos` of a TOML text written by
+/// `toml::to_string`: the last `[table]` header before it plus the line's key.
+fn key_at(text: &str, pos: usize) -> String {
+    let before = &text[..pos.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let table = before[..line_start].lines().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .map(str::to_string)
+    });
+    let key = match line.split_once('=') {
+        Some((k, _)) => k.trim().trim_matches('"').to_string(),
+        None => String::new(),
+    };
+    match (table, key.is_empty()) {
+        (Some(t), false) => format!("{t}.{key}"),
+        (Some(t), true) => t,
+        (None, _) => key,
     }
 }
 
@@ -253,14 +308,16 @@ fn apply_override(root: &mut toml::Value, spec: &str) -> Result<()> {
     let parts: Vec<&str> = key.split('.').collect();
     let mut cur = root;
     for (i, p) in parts.iter().enumerate() {
-        let table = cur
-            .as_table_mut()
-            .ok_or_else(|| Error::config(key, format!("`{}` is not a table", parts[..i].join("."))))?;
+        let table = cur.as_table_mut().ok_or_else(|| {
+            Error::config(key, format!("`{}` is not a table", parts[..i].join(".")))
+        })?;
         if i + 1 == parts.len() {
             table.insert(p.to_string(), value.clone());
             return Ok(());
         }
-        cur = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        cur = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
     }
     Ok(())
 }
@@ -293,7 +350,10 @@ impl Optim {
             eps: cfg.adam_epsilon,
             weight_decay: cfg.weight_decay,
         };
-        Ok(Optim { adamw: AdamW::new(vars.clone(), params)?, vars })
+        Ok(Optim {
+            adamw: AdamW::new(vars.clone(), params)?,
+            vars,
+        })
     }
 
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
@@ -326,7 +386,11 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     let mut sq = 0.0f64;
     for v in vars {
         if let Some(g) = grads.get(v) {
-            sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     let norm = sq.sqrt();
@@ -344,7 +408,11 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
 
 /// The tensors of one batch.
 pub fn batch_ids(batch: &Batch, device: &candle_core::Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(&batch.input_ids, (batch.batch_size, batch.seq_len), device)?)
+    Ok(Tensor::from_slice(
+        &batch.input_ids,
+        (batch.batch_size, batch.seq_len),
+        device,
+    )?)
 }
 
 /// What one optimiser step did.
@@ -383,7 +451,9 @@ pub fn train_step(
         let loss = model.loss(&ids, &batch.targets, &batch.loss_mask, Some(rng))?;
         let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
-            return Err(Error::Training(format!("loss is {value} at step {step}; lower train.learning_rate or check the data")));
+            return Err(Error::Training(format!(
+                "loss is {value} at step {step}; lower train.learning_rate or check the data"
+            )));
         }
         loss_sum += value;
         tokens += batch.n_tokens;
@@ -398,7 +468,9 @@ pub fn train_step(
     // clip
     let grad_norm = clip_grad_norm(&mut grads, optim.vars(), cfg.max_grad_norm)?;
     if !grad_norm.is_finite() {
-        return Err(Error::Training(format!("gradient norm is {grad_norm} at step {step}")));
+        return Err(Error::Training(format!(
+            "gradient norm is {grad_norm} at step {step}"
+        )));
     }
 
     // update
@@ -423,12 +495,17 @@ pub fn heldout_loss(model: &Decoder, batches: &[Batch]) -> Result<f64> {
             continue;
         }
         let ids = batch_ids(b, &model.device)?;
-        let loss = model.loss(&ids, &b.targets, &b.loss_mask, None)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let loss = model
+            .loss(&ids, &b.targets, &b.loss_mask, None)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
         total += loss * b.n_loss_tokens as f64;
         weight += b.n_loss_tokens;
     }
     if weight == 0 {
-        return Err(Error::Training("the held-out set has no tokens with loss".into()));
+        return Err(Error::Training(
+            "the held-out set has no tokens with loss".into(),
+        ));
     }
     Ok(total / weight as f64)
 }
@@ -439,12 +516,50 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let cfg = TrainConfig { steps: 110, warmup_steps: 10, learning_rate: 1e-3, min_lr_ratio: 0.1, ..Default::default() };
+        let cfg = TrainConfig {
+            steps: 110,
+            warmup_steps: 10,
+            learning_rate: 1e-3,
+            min_lr_ratio: 0.1,
+            ..Default::default()
+        };
         assert!((learning_rate(&cfg, 5) - 5e-4).abs() < 1e-12);
         assert!((learning_rate(&cfg, 10) - 1e-3).abs() < 1e-12);
         // halfway through the decay: min + (peak - min)/2 = 1e-4 + 4.5e-4
         assert!((learning_rate(&cfg, 60) - 5.5e-4).abs() < 1e-12);
         assert!((learning_rate(&cfg, 110) - 1e-4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("ftbench-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(
+            &p,
+            "[model]\npath = \"m.gguf\"\n[data]\n[train]\nlerning_rate = 1e-4\n",
+        )
+        .unwrap();
+        let e = RunConfig::load(&p, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("`train.lerning_rate`") && e.contains("unknown field"),
+            "{e}"
+        );
+        std::fs::write(
+            &p,
+            "[model]\npath = \"m.gguf\"\n[data]\n[train]\nsteps = \"ten\"\n",
+        )
+        .unwrap();
+        let e = RunConfig::load(&p, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("`train.steps`") && e.contains("invalid type"),
+            "{e}"
+        );
+        let e = RunConfig::load(&p, &["train.steps=3".into(), "lora.rnk=4".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`lora.rnk`") && e.contains("--set"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -33,7 +33,16 @@ fn loaded_logits(m: LoadedModel) -> Tensor {
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn assert_same_logits(what: &str, a: &Tensor, b: &Tensor) {
@@ -42,7 +51,8 @@ fn assert_same_logits(what: &str, a: &Tensor, b: &Tensor) {
 }
 
 fn load(spec: &Path) -> LoadedModel {
-    loader::load(spec.to_str().unwrap(), &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", spec.display()))
+    loader::load(spec.to_str().unwrap(), &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", spec.display()))
 }
 
 fn load_err(spec: &str) -> String {
@@ -70,12 +80,19 @@ fn hf_folder_round_trips_for_each_family() {
         assert_eq!(m.tokenizer.bos_id(), Some(2), "{fam}");
         assert_eq!(m.tokenizer.eos_id(), Some(1), "{fam}");
         assert_eq!(m.tokenizer.pad_id(), Some(0), "{fam}");
-        assert_eq!(m.tokenizer.encode("how many apples ?", true).unwrap(), vec![2, 12, 13, 14, 7], "{fam}");
+        assert_eq!(
+            m.tokenizer.encode("how many apples ?", true).unwrap(),
+            vec![2, 12, 13, 14, 7],
+            "{fam}"
+        );
         assert_same_logits(fam, &expected, &loaded_logits(m));
     }
     // the untied head, the GQA and the biases really are in the files
     let names = |fam: &str| -> Vec<String> {
-        candle_core::safetensors::load(root.join(fam).join("model.safetensors"), &Device::Cpu).unwrap().into_keys().collect()
+        candle_core::safetensors::load(root.join(fam).join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .collect()
     };
     assert!(names("llama").contains(&"lm_head.weight".to_string()));
     assert!(names("qwen2").contains(&"model.layers.1.self_attn.v_proj.bias".to_string()));
@@ -103,15 +120,26 @@ fn gemma3_multimodal_checkpoint_loads_its_text_model() {
         let config = json!({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
             "text_config": c.to_hf_json(), "vision_config": {"model_type": "siglip_vision_model"}});
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-        let mut ts: HashMap<String, Tensor> = w.iter().map(|(k, t)| (rename(k), t.clone())).collect();
+        let mut ts: HashMap<String, Tensor> =
+            w.iter().map(|(k, t)| (rename(k), t.clone())).collect();
         let vision = Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         let prefix = if name == "old" { "" } else { "model." };
-        ts.insert(format!("{prefix}vision_tower.vision_model.embeddings.patch_embedding.weight"), vision.clone());
-        ts.insert(format!("{prefix}multi_modal_projector.mm_input_projection_weight"), vision);
+        ts.insert(
+            format!("{prefix}vision_tower.vision_model.embeddings.patch_embedding.weight"),
+            vision.clone(),
+        );
+        ts.insert(
+            format!("{prefix}multi_modal_projector.mm_input_projection_weight"),
+            vision,
+        );
         candle_core::safetensors::save(&ts, dir.join("model.safetensors")).unwrap();
         let m = load(&dir);
         assert_eq!(m.config, c, "{name}");
-        assert_eq!(m.weights.len(), w.len(), "{name}: the vision tower is not loaded");
+        assert_eq!(
+            m.weights.len(),
+            w.len(),
+            "{name}: the vision tower is not loaded"
+        );
         assert_same_logits(name, &expected, &loaded_logits(m));
     }
     let _ = std::fs::remove_dir_all(&root);
@@ -125,7 +153,10 @@ fn write_sharded(src: &Path, dst: &Path, w: &Weights) -> [&'static str; 2] {
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
-    let files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
+    let files = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
     let mut parts: [HashMap<String, Tensor>; 2] = Default::default();
     let mut weight_map = serde_json::Map::new();
     let mut names: Vec<&String> = w.keys().collect();
@@ -182,18 +213,33 @@ fn hub_id_loads_from_an_offline_cache() {
     std::fs::write(repo.join("refs").join("main"), revision).unwrap();
     let snapshot = repo.join("snapshots").join(revision);
     std::fs::create_dir_all(&snapshot).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(src.join(f), snapshot.join(f)).unwrap();
     }
 
     // a second repo with a sharded checkpoint
-    let sharded_repo = hf_home.join("hub").join("models--tiny-org--tiny-qwen-sharded");
+    let sharded_repo = hf_home
+        .join("hub")
+        .join("models--tiny-org--tiny-qwen-sharded");
     std::fs::create_dir_all(sharded_repo.join("refs")).unwrap();
     std::fs::write(sharded_repo.join("refs").join("main"), revision).unwrap();
-    let sharded_w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-    write_sharded(&src, &sharded_repo.join("snapshots").join(revision), &sharded_w);
+    let sharded_w =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    write_sharded(
+        &src,
+        &sharded_repo.join("snapshots").join(revision),
+        &sharded_w,
+    );
 
-    let saved: Vec<_> = ["HF_HOME", "HF_HUB_OFFLINE"].iter().map(|k| (*k, std::env::var_os(k))).collect();
+    let saved: Vec<_> = ["HF_HOME", "HF_HUB_OFFLINE"]
+        .iter()
+        .map(|k| (*k, std::env::var_os(k)))
+        .collect();
     std::env::set_var("HF_HOME", &hf_home);
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -207,9 +253,18 @@ fn hub_id_loads_from_an_offline_cache() {
         assert_same_logits("hub sharded", &expected, &loaded_logits(m));
 
         let err = load_err("tiny-org/missing-model");
-        assert!(err.contains("tiny-org/missing-model"), "names the id: {err}");
-        assert!(err.contains(&hf_home.join("hub").display().to_string()), "names the cache: {err}");
-        assert!(err.contains("HF_HUB_OFFLINE"), "says why nothing was downloaded: {err}");
+        assert!(
+            err.contains("tiny-org/missing-model"),
+            "names the id: {err}"
+        );
+        assert!(
+            err.contains(&hf_home.join("hub").display().to_string()),
+            "names the cache: {err}"
+        );
+        assert!(
+            err.contains("HF_HUB_OFFLINE"),
+            "says why nothing was downloaded: {err}"
+        );
     }));
     for (k, v) in saved {
         match v {
@@ -244,23 +299,46 @@ fn gguf_reproduces_the_hf_model() {
 
         let m = loader::load_gguf(&gguf, &Device::Cpu).unwrap_or_else(|e| panic!("{fam}: {e}"));
         assert_eq!(m.config, c, "{fam}: config from GGUF metadata");
-        assert_eq!(loader::load_config(gguf.to_str().unwrap()).unwrap(), c, "{fam}: load_config");
+        assert_eq!(
+            loader::load_config(gguf.to_str().unwrap()).unwrap(),
+            c,
+            "{fam}: load_config"
+        );
         assert_eq!(m.weights.len(), w.len(), "{fam}: tensor count");
-        assert_eq!(m.tokenizer.encode("ab ab", true).unwrap(), vec![2, 10, 10], "{fam}: embedded tokenizer");
+        assert_eq!(
+            m.tokenizer.encode("ab ab", true).unwrap(),
+            vec![2, 10, 10],
+            "{fam}: embedded tokenizer"
+        );
         assert_eq!(m.tokenizer.eos_id(), Some(1));
         let got = loaded_logits(m);
         assert_same_logits(&format!("{fam} gguf"), &expected, &got);
 
         // and through `load`, by extension
         let m = load(&gguf);
-        assert_same_logits(&format!("{fam} gguf via load"), &expected, &loaded_logits(m));
+        assert_same_logits(
+            &format!("{fam} gguf via load"),
+            &expected,
+            &loaded_logits(m),
+        );
 
         // the Q8_0 rounding is a small perturbation: the model with the original f32 weights
         // is close (measured: up to about 4% of the largest logit of these tiny models)
         let d = max_diff(&expected, &logits(&c, w));
-        let scale = expected.abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap();
+        let scale = expected
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         eprintln!("{fam}: Q8_0 moves the logits by up to {d} (largest logit {scale})");
-        assert!(d > 0.0 && d < 0.1 * scale, "{fam}: Q8_0 moved the logits by {d} (largest logit {scale})");
+        assert!(
+            d > 0.0 && d < 0.1 * scale,
+            "{fam}: Q8_0 moved the logits by {d} (largest logit {scale})"
+        );
     }
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -279,8 +357,14 @@ fn scaled_llama(rope_scaling: serde_json::Value) -> ModelConfig {
 fn gguf_rope_scaling_matches_the_hf_config() {
     let root = tiny::temp_dir("gguf-rope");
     let cases = [
-        ("llama3-8", json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
-        ("llama3-32", json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+        (
+            "llama3-8",
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        ),
+        (
+            "llama3-32",
+            json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        ),
         ("linear-2", json!({"rope_type": "linear", "factor": 2.0})),
     ];
     let plain = scaled_llama(serde_json::Value::Null);
@@ -293,17 +377,29 @@ fn gguf_rope_scaling_matches_the_hf_config() {
         let expected = logits(&c, hf_weights.clone());
         let m = loader::load_gguf(&gguf, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(m.config, c, "{name}: config from GGUF");
-        assert_eq!(loader::load_config(gguf.to_str().unwrap()).unwrap(), c, "{name}: load_config");
+        assert_eq!(
+            loader::load_config(gguf.to_str().unwrap()).unwrap(),
+            c,
+            "{name}: load_config"
+        );
         assert_same_logits(name, &expected, &loaded_logits(m));
         // the scaling is not a no-op on these positions
-        assert!(max_diff(&expected, &logits(&plain, hf_weights)) > 0.0, "{name}");
+        assert!(
+            max_diff(&expected, &logits(&plain, hf_weights)) > 0.0,
+            "{name}"
+        );
     }
     // divisors that are not Llama 3's band are refused, not silently ignored
-    let odd = scaled_llama(json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}));
+    let odd = scaled_llama(
+        json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    );
     let gguf = root.join("odd.gguf");
     tiny::write_gguf(&gguf, "llama", &odd, &tiny::weights(&odd, 1));
     let err = load_err(gguf.to_str().unwrap());
-    assert!(err.contains("odd.gguf") && err.contains("rope_freqs.weight"), "{err}");
+    assert!(
+        err.contains("odd.gguf") && err.contains("rope_freqs.weight"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -317,19 +413,32 @@ fn bad_input_gives_one_clear_error() {
     // a missing path: folder-like and .gguf
     let missing = root.join("no-such-model");
     let err = load_err(missing.to_str().unwrap());
-    assert!(err.contains(missing.to_str().unwrap()) && err.contains("not found"), "{err}");
+    assert!(
+        err.contains(missing.to_str().unwrap()) && err.contains("not found"),
+        "{err}"
+    );
     let missing = root.join("no-such-model.gguf");
     let err = load_err(missing.to_str().unwrap());
     assert!(err.contains(missing.to_str().unwrap()), "{err}");
 
     // random bytes named .gguf
     let corrupt = root.join("corrupt.gguf");
-    let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(&corrupt, &bytes).unwrap();
     let err = load_err(corrupt.to_str().unwrap());
-    assert!(err.contains("corrupt.gguf") && err.contains("not a readable gguf file"), "{err}");
-    let err = loader::load_config(corrupt.to_str().unwrap()).unwrap_err().to_string();
-    assert!(err.contains("corrupt.gguf") && err.contains("not a readable gguf file"), "{err}");
+    assert!(
+        err.contains("corrupt.gguf") && err.contains("not a readable gguf file"),
+        "{err}"
+    );
+    let err = loader::load_config(corrupt.to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("corrupt.gguf") && err.contains("not a readable gguf file"),
+        "{err}"
+    );
 
     // a valid GGUF cut short inside its tensor data
     let c = tiny::config("qwen2");
@@ -348,7 +457,10 @@ fn bad_input_gives_one_clear_error() {
     cfg["model_type"] = json!("bert");
     std::fs::write(bert.join("config.json"), cfg.to_string()).unwrap();
     let err = load_err(bert.to_str().unwrap());
-    assert!(err.contains("config.json") && err.contains("unknown architecture") && err.contains("bert"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("unknown architecture") && err.contains("bert"),
+        "{err}"
+    );
 
     // a truncated safetensors file
     let trunc = root.join("truncated");
@@ -357,7 +469,10 @@ fn bad_input_gives_one_clear_error() {
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_err(trunc.to_str().unwrap());
-    assert!(err.contains("model.safetensors") && err.contains("cannot read safetensors"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("cannot read safetensors"),
+        "{err}"
+    );
 
     // a folder without weights
     let empty = root.join("empty");

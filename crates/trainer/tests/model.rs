@@ -36,16 +36,33 @@ fn tiny(family: &str) -> ModelConfig {
 const FAMILIES: [&str; 3] = ["gemma3", "llama", "qwen2"];
 
 fn ids(c: &ModelConfig, b: usize, t: usize, seed: u32) -> Tensor {
-    let v: Vec<u32> = (0..b * t).map(|i| ((i as u32 * 7 + seed * 13 + 1) % c.vocab_size as u32)).collect();
+    let v: Vec<u32> = (0..b * t)
+        .map(|i| ((i as u32 * 7 + seed * 13 + 1) % c.vocab_size as u32))
+        .collect();
     Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
 }
 
 fn all_linear() -> LoraConfig {
-    LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, target_modules: TargetModules::Pattern("all-linear".into()), use_rslora: false }
+    LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        use_rslora: false,
+    }
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Sets every B to small random values so adapters change the output and A gets gradients.
@@ -74,8 +91,16 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
             let vars = model.trainable();
             assert!(!vars.is_empty());
             for (name, v) in vars {
-                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{fam} {mode:?}: no gradient for {name}"));
-                let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let g = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{fam} {mode:?}: no gradient for {name}"));
+                let n = g
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(n > 0.0, "{fam}: zero gradient for {name}");
             }
         }
@@ -87,14 +112,19 @@ fn merged_adapters_match_unmerged() {
     for fam in FAMILIES {
         let c = tiny(fam);
         let w = random_weights(&c, 3, &Device::Cpu).unwrap();
-        let mut model = Decoder::new(c.clone(), w, TrainMode::Lora(all_linear()), 4, &Device::Cpu).unwrap();
+        let mut model =
+            Decoder::new(c.clone(), w, TrainMode::Lora(all_linear()), 4, &Device::Cpu).unwrap();
         perturb_adapters(&model);
         let x = ids(&c, 2, 5, 3);
         let unmerged = model.forward_logits(&x, None).unwrap();
         let base_weights = model.hf_weights(false).unwrap();
-        let base = Decoder::new(c.clone(), base_weights, TrainMode::Frozen, 0, &Device::Cpu).unwrap();
+        let base =
+            Decoder::new(c.clone(), base_weights, TrainMode::Frozen, 0, &Device::Cpu).unwrap();
         let base_logits = base.forward_logits(&x, None).unwrap();
-        assert!(max_diff(&unmerged, &base_logits) > 1e-4, "{fam}: adapters should change the output");
+        assert!(
+            max_diff(&unmerged, &base_logits) > 1e-4,
+            "{fam}: adapters should change the output"
+        );
         let n = model.merge_adapters().unwrap();
         assert_eq!(n, 7 * c.num_hidden_layers);
         let merged = model.forward_logits(&x, None).unwrap();
@@ -113,10 +143,16 @@ fn kv_cache_matches_full_forward() {
         let x = ids(&c, 1, 9, 5);
         let full = model.forward_logits(&x, None).unwrap();
         let mut cache = KvCache::new();
-        let first = model.forward_logits(&x.narrow(1, 0, 5).unwrap(), Some(&mut cache)).unwrap();
+        let first = model
+            .forward_logits(&x.narrow(1, 0, 5).unwrap(), Some(&mut cache))
+            .unwrap();
         let mut parts = vec![first];
         for p in 5..9 {
-            parts.push(model.forward_logits(&x.narrow(1, p, 1).unwrap(), Some(&mut cache)).unwrap());
+            parts.push(
+                model
+                    .forward_logits(&x.narrow(1, p, 1).unwrap(), Some(&mut cache))
+                    .unwrap(),
+            );
         }
         let stepped = Tensor::cat(&parts, 1).unwrap();
         let d = max_diff(&full, &stepped);
@@ -133,13 +169,29 @@ fn chunked_loss_matches_full_logits() {
         let (b, t) = (3, 7);
         let x = ids(&c, b, t, 6);
         let targets: Vec<u32> = ids(&c, b, t, 7).flatten_all().unwrap().to_vec1().unwrap();
-        let mask: Vec<f32> = (0..b * t).map(|i| if i % 3 == 0 { 0.0 } else { 1.0 }).collect();
-        let chunked = model.loss(&x, &targets, &mask, None).unwrap().to_scalar::<f32>().unwrap();
-        let logits = model.forward_logits(&x, None).unwrap().reshape((b * t, c.vocab_size)).unwrap();
-        let full = masked_cross_entropy(&logits, &targets, &mask).unwrap().to_scalar::<f32>().unwrap();
+        let mask: Vec<f32> = (0..b * t)
+            .map(|i| if i % 3 == 0 { 0.0 } else { 1.0 })
+            .collect();
+        let chunked = model
+            .loss(&x, &targets, &mask, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let logits = model
+            .forward_logits(&x, None)
+            .unwrap()
+            .reshape((b * t, c.vocab_size))
+            .unwrap();
+        let full = masked_cross_entropy(&logits, &targets, &mask)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((chunked - full).abs() < 1e-4, "{fam}: {chunked} vs {full}");
         // a random model predicts about uniformly: loss near ln(vocab)
-        assert!((full - (c.vocab_size as f32).ln()).abs() < 0.5, "{fam}: {full}");
+        assert!(
+            (full - (c.vocab_size as f32).ln()).abs() < 0.5,
+            "{fam}: {full}"
+        );
     }
 }
 
@@ -150,9 +202,20 @@ fn padding_after_a_sequence_does_not_change_it() {
     let w = random_weights(&c, 8, &Device::Cpu).unwrap();
     let model = Decoder::new(c.clone(), w, TrainMode::Frozen, 0, &Device::Cpu).unwrap();
     let x = ids(&c, 1, 6, 8);
-    let padded = Tensor::cat(&[x.clone(), Tensor::zeros((1, 3), candle_core::DType::U32, &Device::Cpu).unwrap()], 1).unwrap();
+    let padded = Tensor::cat(
+        &[
+            x.clone(),
+            Tensor::zeros((1, 3), candle_core::DType::U32, &Device::Cpu).unwrap(),
+        ],
+        1,
+    )
+    .unwrap();
     let a = model.forward_logits(&x, None).unwrap();
-    let b = model.forward_logits(&padded, None).unwrap().narrow(1, 0, 6).unwrap();
+    let b = model
+        .forward_logits(&padded, None)
+        .unwrap()
+        .narrow(1, 0, 6)
+        .unwrap();
     assert!(max_diff(&a, &b) < 1e-5);
 }
 
@@ -160,7 +223,16 @@ fn padding_after_a_sequence_does_not_change_it() {
 fn target_modules_that_match_nothing_are_an_error() {
     let c = tiny("llama");
     let w = random_weights(&c, 1, &Device::Cpu).unwrap();
-    let lc = LoraConfig { target_modules: TargetModules::List(vec!["qkv".into()]), ..Default::default() };
-    let err = Decoder::new(c, w, TrainMode::Lora(lc), 0, &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("lora.target_modules") && err.contains("matches no linear layer"), "{err}");
+    let lc = LoraConfig {
+        target_modules: TargetModules::List(vec!["qkv".into()]),
+        ..Default::default()
+    };
+    let err = Decoder::new(c, w, TrainMode::Lora(lc), 0, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("lora.target_modules") && err.contains("matches no linear layer"),
+        "{err}"
+    );
 }

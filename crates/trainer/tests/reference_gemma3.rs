@@ -23,13 +23,18 @@ use ftbench_trainer::loader::load_gguf;
 use ftbench_trainer::model::{Decoder, KvCache, TrainMode};
 
 fn model_path() -> Option<PathBuf> {
-    let p = std::env::var("FTBENCH_GEMMA3_GGUF").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf")
-    });
+    let p = std::env::var("FTBENCH_GEMMA3_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf")
+        });
     if p.is_file() {
         Some(p)
     } else {
-        println!("skipped: {} not found (run scripts/fetch-model.sh)", p.display());
+        println!(
+            "skipped: {} not found (run scripts/fetch-model.sh)",
+            p.display()
+        );
         None
     }
 }
@@ -51,7 +56,10 @@ fn reference_greedy(r: &mut ModelWeights, prompt: &[u32], n: usize) -> (Vec<u32>
     let mut input = prompt.to_vec();
     let mut pos = 0;
     for _ in 0..n {
-        let x = Tensor::new(input.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(input.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = r.forward(&x, pos).unwrap().squeeze(0).unwrap();
         pos += input.len();
         let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
@@ -83,16 +91,34 @@ fn greedy_generation_matches_candle_transformers_quantized_gemma3() {
         let ids = tok.encode(prompt, true).unwrap();
         // the reference resets its cache when a forward starts at position 0
         let (ref_ids, ref_logits) = reference_greedy(&mut reference, &ids, NEW_TOKENS);
-        let ours = generate_greedy(&model, &ids, NEW_TOKENS, &[]).unwrap();
-        let agree = ours.new_ids.iter().zip(&ref_ids).take_while(|(a, b)| a == b).count();
+        let ours = generate_greedy(&model, &ids, NEW_TOKENS, &[], tok.vocab_size()).unwrap();
+        let agree = ours
+            .new_ids
+            .iter()
+            .zip(&ref_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
 
         // next-token logits of the prompt
         let mut cache = KvCache::new();
-        let x = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(ids.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = model.forward_logits(&x, Some(&mut cache)).unwrap();
-        let last: Vec<f32> = logits.squeeze(0).unwrap().get(ids.len() - 1).unwrap().to_vec1().unwrap();
+        let last: Vec<f32> = logits
+            .squeeze(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let first = &ref_logits[0];
-        let num: f64 = last.iter().zip(first).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let num: f64 = last
+            .iter()
+            .zip(first)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         let den: f64 = first.iter().map(|b| (*b as f64).powi(2)).sum();
         let rel = (num / den).sqrt();
         worst_rel = worst_rel.max(rel);
@@ -116,7 +142,10 @@ fn greedy_generation_matches_candle_transformers_quantized_gemma3() {
             tok.decode(&ref_ids, false).unwrap()
         );
     }
-    assert!(full_agreement >= 2, "only {full_agreement} prompts agree for {NEW_TOKENS} tokens");
+    assert!(
+        full_agreement >= 2,
+        "only {full_agreement} prompts agree for {NEW_TOKENS} tokens"
+    );
     // Measured on the Q4_K_M file: 1.8e-2 to 7.3e-2 (the reference's q8 activation rounding);
     // errors of real modelling bugs are of order 1 (the GELU/SiLU swap alone gives ~0.3).
     assert!(worst_rel < 0.1, "logits relative error {worst_rel}");
@@ -127,7 +156,10 @@ fn gemma3_gguf_config_uses_gelu_tanh() {
     let Some(path) = model_path() else { return };
     let c = ftbench_trainer::loader::load_config(path.to_str().unwrap()).unwrap();
     assert_eq!(c.hidden_act, Activation::GeluTanh);
-    assert_eq!((c.hidden_size, c.num_hidden_layers, c.head_dim, c.vocab_size), (640, 18, 256, 262_144));
+    assert_eq!(
+        (c.hidden_size, c.num_hidden_layers, c.head_dim, c.vocab_size),
+        (640, 18, 256, 262_144)
+    );
     let global: Vec<usize> = (0..18).filter(|&i| !c.sliding_layers[i]).collect();
     assert_eq!(global, vec![5, 11, 17]);
 }

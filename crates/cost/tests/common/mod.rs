@@ -41,7 +41,15 @@ fn phase(name: &str, wall_s: f64, tokens: u64, tokens_per_s: f64) -> PhaseRecord
 pub fn write_fixture_run(dir: &Path, run_id: &str) -> PathBuf {
     let run = dir.join(run_id);
     std::fs::create_dir_all(&run).unwrap();
-    let mut r = RunRecord::new(run_id, RunKind::Train, "fixture-tiny-model", "cpu", "f32", 2, 1);
+    let mut r = RunRecord::new(
+        run_id,
+        RunKind::Train,
+        "fixture-tiny-model",
+        "cpu",
+        "f32",
+        2,
+        1,
+    );
     r.fingerprint = Fingerprint {
         cpu_model: "fixture cpu".into(),
         cpu_cores: 2,
@@ -72,7 +80,10 @@ pub fn write_fixture_run(dir: &Path, run_id: &str) -> PathBuf {
     for step in 1..=40u64 {
         let mut extra = serde_json::Map::new();
         if step % 20 == 0 {
-            extra.insert("heldout_loss".into(), (2.1 - 0.25 * (step / 20) as f64).into());
+            extra.insert(
+                "heldout_loss".into(),
+                (2.1 - 0.25 * (step / 20) as f64).into(),
+            );
         }
         w.write(&MetricsLine {
             step,

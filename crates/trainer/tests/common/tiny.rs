@@ -18,9 +18,9 @@ use serde_json::json;
 /// The special tokens first (ids 0..4), then the words.
 pub const SPECIALS: [&str; 4] = ["<pad>", "<eos>", "<bos>", "<unk>"];
 pub const WORDS: [&str; 36] = [
-    "Question", "Answer", ":", "?", ".", "####", "+", "=", "how", "many", "apples", "does",
-    "tom", "have", "he", "has", "and", "buys", "more", "so", "the", "answer", "is", "0", "1",
-    "2", "3", "4", "5", "6", "7", "8", "9", "pears", "eats", "left",
+    "Question", "Answer", ":", "?", ".", "####", "+", "=", "how", "many", "apples", "does", "tom",
+    "have", "he", "has", "and", "buys", "more", "so", "the", "answer", "is", "0", "1", "2", "3",
+    "4", "5", "6", "7", "8", "9", "pears", "eats", "left",
 ];
 
 /// Tokenizer vocabulary size (specials and words).
@@ -58,7 +58,11 @@ pub fn tokenizer_json() -> serde_json::Value {
 /// Writes tokenizer.json and tokenizer_config.json into `dir` and loads them.
 pub fn write_tokenizer(dir: &Path) -> Tokenizer {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string_pretty(&tokenizer_json()).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string_pretty(&tokenizer_json()).unwrap(),
+    )
+    .unwrap();
     let cfg = json!({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": true});
     std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
     Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap()
@@ -174,12 +178,22 @@ pub fn gguf_name(hf: &str, gemma: bool) -> String {
 pub fn permute_qk(w: &Tensor, heads: usize) -> Tensor {
     let (out_f, in_f) = w.dims2().unwrap();
     let hd = out_f / heads;
-    w.reshape((heads, 2, hd / 2, in_f)).unwrap().transpose(1, 2).unwrap().reshape((out_f, in_f)).unwrap()
+    w.reshape((heads, 2, hd / 2, in_f))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((out_f, in_f))
+        .unwrap()
 }
 
 /// Tensors stored as Q8_0 in the tiny GGUF files (the rest are F32).
 pub fn quantized(hf: &str) -> bool {
-    matches!(hf, "model.embed_tokens.weight" | "model.layers.0.mlp.gate_proj.weight" | "model.layers.1.mlp.down_proj.weight")
+    matches!(
+        hf,
+        "model.embed_tokens.weight"
+            | "model.layers.0.mlp.gate_proj.weight"
+            | "model.layers.1.mlp.down_proj.weight"
+    )
 }
 
 /// A SentencePiece vocabulary as llama.cpp embeds it: specials, then pieces scored so that
@@ -200,9 +214,18 @@ pub fn tokenizer_metadata() -> Vec<(String, Value)> {
     ];
     vec![
         ("tokenizer.ggml.model".into(), Value::String("llama".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(pieces.iter().map(|p| Value::String(p.0.into())).collect())),
-        ("tokenizer.ggml.scores".into(), Value::Array(pieces.iter().map(|p| Value::F32(p.1)).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(pieces.iter().map(|p| Value::I32(p.2)).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(pieces.iter().map(|p| Value::String(p.0.into())).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(pieces.iter().map(|p| Value::F32(p.1)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(pieces.iter().map(|p| Value::I32(p.2)).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(2)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.padding_token_id".into(), Value::U32(0)),
@@ -233,7 +256,14 @@ pub fn write_gguf(path: &Path, arch: &str, c: &ModelConfig, w: &Weights) -> Weig
         let q = if quantized(name) {
             let q = QTensor::quantize(&stored, GgmlDType::Q8_0).unwrap();
             let back = q.dequantize(&Device::Cpu).unwrap();
-            let moved = (&back - t).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let moved = (&back - t)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(moved > 0.0, "{name}: Q8_0 should change the values");
             hf_side.insert(name.clone(), back);
             q
@@ -247,20 +277,38 @@ pub fn write_gguf(path: &Path, arch: &str, c: &ModelConfig, w: &Weights) -> Weig
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
         ("general.name".into(), Value::String(format!("tiny {arch}"))),
-        (k("context_length"), Value::U32(c.max_position_embeddings as u32)),
+        (
+            k("context_length"),
+            Value::U32(c.max_position_embeddings as u32),
+        ),
         (k("embedding_length"), Value::U32(c.hidden_size as u32)),
         (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
-        (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
-        (k("attention.head_count"), Value::U32(c.num_attention_heads as u32)),
-        (k("attention.head_count_kv"), Value::U32(c.num_key_value_heads as u32)),
+        (
+            k("feed_forward_length"),
+            Value::U32(c.intermediate_size as u32),
+        ),
+        (
+            k("attention.head_count"),
+            Value::U32(c.num_attention_heads as u32),
+        ),
+        (
+            k("attention.head_count_kv"),
+            Value::U32(c.num_key_value_heads as u32),
+        ),
         (k("attention.key_length"), Value::U32(c.head_dim as u32)),
         (k("attention.value_length"), Value::U32(c.head_dim as u32)),
-        (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
         (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
         (k("rope.dimension_count"), Value::U32(c.head_dim as u32)),
     ];
     if gemma {
-        md.push((k("attention.sliding_window"), Value::U32(c.sliding_window.unwrap() as u32)));
+        md.push((
+            k("attention.sliding_window"),
+            Value::U32(c.sliding_window.unwrap() as u32),
+        ));
     }
     match &c.rope_scaling {
         Some(s) if s.rope_type == "linear" => {
@@ -287,7 +335,10 @@ pub fn write_gguf(path: &Path, arch: &str, c: &ModelConfig, w: &Weights) -> Weig
                 })
                 .collect();
             let t = Tensor::from_vec(divisors, d / 2, &Device::Cpu).unwrap();
-            tensors.push(("rope_freqs.weight".into(), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+            tensors.push((
+                "rope_freqs.weight".into(),
+                QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+            ));
         }
         None => {}
     }
