@@ -46,6 +46,17 @@ pub struct BenchTrainArgs {
     pub layers: Option<usize>,
 }
 
+/// Adapters on every projection of attention and MLP, as in the peer benchmark.
+const SEVEN_PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 pub fn run(cmd: &BenchCommand) -> CliResult<()> {
     match cmd {
         BenchCommand::Train(a) => bench_train(a),
@@ -68,24 +79,12 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
     if a.steps == 0 || a.batch == 0 || a.seq < 2 {
         return Err("--steps, --batch must be at least 1 and --seq at least 2".into());
     }
+    let targets: Vec<String> = SEVEN_PROJECTIONS.iter().map(|s| s.to_string()).collect();
     let lora = LoraConfig {
         rank: a.rank,
         alpha: a.alpha,
         dropout: 0.0,
-        target_modules: TargetModules::List(
-            [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        ),
+        target_modules: TargetModules::List(targets.clone()),
         use_rslora: false,
     };
     let (mode, trainable) = match a.mode.as_str() {
@@ -93,18 +92,7 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
             TrainMode::Lora(lora.clone()),
             ftbench_meter::Trainable::Lora(ftbench_meter::LoraShape {
                 rank: a.rank,
-                target_modules: [
-                    "q_proj",
-                    "k_proj",
-                    "v_proj",
-                    "o_proj",
-                    "gate_proj",
-                    "up_proj",
-                    "down_proj",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+                target_modules: targets,
             }),
         ),
         "full" => (TrainMode::Full, ftbench_meter::Trainable::Full),

@@ -165,14 +165,15 @@ impl ModelConfig {
                     "silu".into()
                 }
             });
-        let hidden_act =
-            match act.as_str() {
-                "silu" | "swish" => Activation::Silu,
-                "gelu_pytorch_tanh" | "gelu_tanh" | "gelu" => Activation::GeluTanh,
-                other => return Err(format!(
+        let hidden_act = match act.as_str() {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_tanh" | "gelu" => Activation::GeluTanh,
+            other => {
+                return Err(format!(
                     "unsupported `hidden_act = \"{other}\"` (expected silu or gelu_pytorch_tanh)"
-                )),
-            };
+                ))
+            }
+        };
         let sliding_window = match family {
             Family::Qwen2 if !c.use_sliding_window.unwrap_or(false) => None,
             _ => c.sliding_window,

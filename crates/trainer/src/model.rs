@@ -443,6 +443,22 @@ impl Decoder {
         Ok(())
     }
 
+    /// Every RMSNorm: the final one, then per block.
+    fn norms(&self) -> Vec<&Norm> {
+        let mut norms: Vec<&Norm> = vec![&self.norm];
+        for b in &self.blocks {
+            norms.extend([&b.input_layernorm, &b.pre_mlp_norm]);
+            let optional = [
+                &b.q_norm,
+                &b.k_norm,
+                &b.post_attention_norm,
+                &b.post_mlp_norm,
+            ];
+            norms.extend(optional.into_iter().flatten());
+        }
+        norms
+    }
+
     pub fn mode(&self) -> &TrainMode {
         &self.mode
     }
@@ -462,22 +478,7 @@ impl Decoder {
         if let Some(v) = &self.embed_var {
             out.push(("model.embed_tokens.weight".into(), v.clone()));
         }
-        let mut norms: Vec<&Norm> = vec![&self.norm];
-        for b in &self.blocks {
-            norms.push(&b.input_layernorm);
-            norms.push(&b.pre_mlp_norm);
-            norms.extend(
-                [
-                    &b.q_norm,
-                    &b.k_norm,
-                    &b.post_attention_norm,
-                    &b.post_mlp_norm,
-                ]
-                .into_iter()
-                .flatten(),
-            );
-        }
-        for n in norms {
+        for n in self.norms() {
             if let Some(v) = &n.var {
                 out.push((format!("{}.weight", n.name), v.clone()));
             }
@@ -528,22 +529,7 @@ impl Decoder {
                 w.insert(format!("{}.bias", lin.name), b.clone());
             }
         }
-        let mut norms: Vec<&Norm> = vec![&self.norm];
-        for b in &self.blocks {
-            norms.push(&b.input_layernorm);
-            norms.push(&b.pre_mlp_norm);
-            norms.extend(
-                [
-                    &b.q_norm,
-                    &b.k_norm,
-                    &b.post_attention_norm,
-                    &b.post_mlp_norm,
-                ]
-                .into_iter()
-                .flatten(),
-            );
-        }
-        for n in norms {
+        for n in self.norms() {
             let t = n
                 .var
                 .as_ref()
