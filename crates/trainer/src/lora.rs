@@ -179,8 +179,13 @@ impl LoraAdapter {
             Some(m) => x.mul(m)?,
             None => x.clone(),
         };
-        let s = x.broadcast_matmul(&self.a.as_tensor().t()?)?; // [.., r]
-        let y = s.broadcast_matmul(&self.b.as_tensor().t()?)?; // [.., out]
+        // as 2-D products: [n, in] x [in, r] -> [n, r] x [r, out]
+        let in_f = self.a.as_tensor().dim(1)?;
+        let mut dims = x.dims().to_vec();
+        let s = x.reshape(((), in_f))?.matmul(&self.a.as_tensor().t()?)?;
+        let y = s.matmul(&self.b.as_tensor().t()?)?;
+        *dims.last_mut().expect("input has a feature dim") = y.dim(1)?;
+        let y = y.reshape(dims)?;
         Ok((y * self.scaling)?)
     }
 

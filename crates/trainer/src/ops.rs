@@ -96,6 +96,15 @@ impl CustomOp2 for RmsNorm {
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         // r = 1/rms(x), xhat = x r; dw = Σ_rows dy xhat; dx = r (g - xhat mean(g xhat)), g = dy w
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let (dx, dw) = rms_norm_bwd_f32(
+                &x.contiguous()?,
+                &w.contiguous()?,
+                &dy.contiguous()?,
+                self.eps,
+            )?;
+            return Ok((Some(dx), Some(dw)));
+        }
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
             .recip()?;
@@ -107,6 +116,66 @@ impl CustomOp2 for RmsNorm {
         let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&r)?;
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// The RMSNorm backward in one pass over the rows (f32, CPU): dx, and dw summed per thread.
+fn rms_norm_bwd_f32(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<(Tensor, Tensor)> {
+    let d = w.dim(0)?;
+    let xv = x.flatten_all()?;
+    let (xs, _) = xv.storage_and_layout();
+    let dyv = dy.flatten_all()?;
+    let (dys, _) = dyv.storage_and_layout();
+    let wv = w.to_vec1::<f32>()?;
+    let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(dys)) = (&*xs, &*dys) else {
+        candle_core::bail!("rms_norm backward: expected cpu tensors")
+    };
+    let (xs, dys) = (xs.as_slice::<f32>()?, dys.as_slice::<f32>()?);
+    let (xs, dys) = (
+        &xs[x.layout().start_offset()..][..x.elem_count()],
+        &dys[dy.layout().start_offset()..][..dy.elem_count()],
+    );
+    let mut dx = vec![0f32; xs.len()];
+    let rows_per_task = (4096 / d).max(1);
+    let dw = dx
+        .par_chunks_mut(d * rows_per_task)
+        .zip(
+            xs.par_chunks(d * rows_per_task)
+                .zip(dys.par_chunks(d * rows_per_task)),
+        )
+        .map(|(dxb, (xb, dyb))| {
+            let mut dw = vec![0f64; d];
+            for ((dxr, xr), dyr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(dyb.chunks(d)) {
+                let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+                let r = 1.0 / (ms + eps).sqrt();
+                let mut proj = 0.0f64;
+                for i in 0..d {
+                    let xhat = xr[i] as f64 * r;
+                    dw[i] += dyr[i] as f64 * xhat;
+                    proj += dyr[i] as f64 * wv[i] as f64 * xhat;
+                }
+                proj /= d as f64;
+                for i in 0..d {
+                    let xhat = xr[i] as f64 * r;
+                    dxr[i] = (r * (dyr[i] as f64 * wv[i] as f64 - xhat * proj)) as f32;
+                }
+            }
+            dw
+        })
+        .reduce(
+            || vec![0f64; d],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    let dev = x.device();
+    let dx = Tensor::from_vec(dx, x.shape(), dev)?;
+    let dw = Tensor::from_vec(
+        dw.into_iter().map(|v| v as f32).collect::<Vec<f32>>(),
+        d,
+        dev,
+    )?;
+    Ok((dx, dw))
 }
 
 /// RMS normalisation over the last dimension, `x / sqrt(mean(x²) + eps) * w`, with backward.
@@ -895,5 +964,29 @@ mod tests {
             g_ref.get(&hv).unwrap(),
         );
         assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn rms_norm_f32_backward_matches_f64() {
+        let x = randn(&[3, 5, 16], 21);
+        let w = randn(&[16], 22);
+        let probe = randn(&[3, 5, 16], 23);
+        let grads = |dt: DType| {
+            let xv = Var::from_tensor(&x.to_dtype(dt).unwrap()).unwrap();
+            let wv = Var::from_tensor(&w.to_dtype(dt).unwrap()).unwrap();
+            let y = rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-6).unwrap();
+            let g = (y * probe.to_dtype(dt).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let f = |v: &Var| g.get(v).unwrap().to_dtype(DType::F64).unwrap();
+            (f(&xv), f(&wv))
+        };
+        let (dx32, dw32) = grads(DType::F32);
+        let (dx64, dw64) = grads(DType::F64);
+        assert!(max_abs_diff(&dx32, &dx64) < 1e-5);
+        assert!(max_abs_diff(&dw32, &dw64) < 1e-5);
     }
 }
