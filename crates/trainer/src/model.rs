@@ -599,32 +599,6 @@ impl Decoder {
         Ok((angles.cos()?, angles.sin()?))
     }
 
-    /// Additive attention mask `[rows, total]` for `t` new positions after `past` cached
-    /// ones; rows are `groups` copies of the `t` query positions (grouped-query layout).
-    fn attention_mask(
-        &self,
-        t: usize,
-        past: usize,
-        groups: usize,
-        window: Option<usize>,
-    ) -> Result<Tensor> {
-        let total = past + t;
-        let mut m = vec![0f32; groups * t * total];
-        for g in 0..groups {
-            for r in 0..t {
-                let pos = past + r;
-                let row = &mut m[(g * t + r) * total..(g * t + r + 1) * total];
-                for (j, v) in row.iter_mut().enumerate() {
-                    let too_old = window.is_some_and(|w| j + w <= pos);
-                    if j > pos || too_old {
-                        *v = f32::NEG_INFINITY;
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(m, (groups * t, total), &self.device)?)
-    }
-
     /// Hidden states after the final norm, `[b, t, hidden]`. With a cache, `ids` are the new
     /// positions and the cache is extended.
     pub fn forward_hidden(
@@ -656,11 +630,6 @@ impl Decoder {
         // rope tables and masks, shared by layers of the same kind
         // keyed by (base, scaled): Gemma 3 scales only its global layers' frequencies
         let mut tables: Vec<((f64, bool), Tensor, Tensor)> = Vec::new();
-        let full_mask = self.attention_mask(t, past, groups, None)?;
-        let local_mask = match c.sliding_window {
-            Some(w) => Some(self.attention_mask(t, past, groups, Some(w))?),
-            None => None,
-        };
         let mut x = self.embed(ids)?;
         for (l, blk) in self.blocks.iter().enumerate() {
             let key = (blk.rope_base, !(c.is_gemma() && blk.sliding));
@@ -693,16 +662,16 @@ impl Decoder {
             let total = past + t;
             // grouped-query attention without repeating k/v: q as [b, nkv, groups·t, hd]
             let qg = q.reshape((b, nkv, groups * t, hd))?;
-            let mut scores = (qg.matmul(&k.t()?)? * c.attention_scale())?; // [b, nkv, g·t, total]
-            if let Some(cap) = c.attn_logit_softcapping {
-                scores = ((scores / cap)?.tanh()? * cap)?;
-            }
-            let mask = if blk.sliding {
-                local_mask.as_ref().unwrap_or(&full_mask)
-            } else {
-                &full_mask
+            let scores = qg.matmul(&k.t()?)?; // [b, nkv, g·t, total]
+            let window = if blk.sliding { c.sliding_window } else { None };
+            let probs = match c.attn_logit_softcapping {
+                // soft-capping comes between the scale and the mask
+                Some(cap) => {
+                    let capped = ((scores * (c.attention_scale() / cap))?.tanh()? * cap)?;
+                    ops::causal_softmax(&capped, 1.0, t, past, window)?
+                }
+                None => ops::causal_softmax(&scores, c.attention_scale(), t, past, window)?,
             };
-            let probs = ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
             let attn = probs.matmul(&v)?; // [b, nkv, g·t, hd]
             let attn = attn
                 .reshape((b, nh, t, hd))?

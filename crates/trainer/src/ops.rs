@@ -235,6 +235,95 @@ pub fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scaled, causally masked softmax of attention scores
+
+struct CausalSoftmax {
+    scale: f64,
+    /// query positions per group of rows
+    t: usize,
+    /// cached positions before the first query
+    past: usize,
+    /// sliding window: key j is visible from query p when p - window < j <= p
+    window: Option<usize>,
+}
+
+fn causal_softmax_fwd<T: WithDType>(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &CausalSoftmax,
+) -> CResult<(CpuStorage, Shape)> {
+    let x = contiguous_slice::<T>(s, l, "causal_softmax")?;
+    let total = *l.dims().last().unwrap_or(&1);
+    let rows_per_matrix = l.dims()[l.dims().len() - 2];
+    if op.past + op.t != total || rows_per_matrix % op.t != 0 {
+        candle_core::bail!(
+            "causal_softmax: scores {:?} for {} past and {} new positions",
+            l.dims(),
+            op.past,
+            op.t
+        );
+    }
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(total)
+        .zip(x.par_chunks(total))
+        .enumerate()
+        .for_each(|(row, (yr, xr))| {
+            let pos = op.past + row % rows_per_matrix % op.t;
+            let first = op.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let visible = first..=pos;
+            let max = xr[visible.clone()]
+                .iter()
+                .map(|v| v.to_f64() * op.scale)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for j in visible.clone() {
+                let e = (xr[j].to_f64() * op.scale - max).exp();
+                sum += e;
+                yr[j] = T::from_f64(e);
+            }
+            let inv = 1.0 / sum;
+            for v in &mut yr[visible] {
+                *v = T::from_f64(v.to_f64() * inv);
+            }
+        });
+    Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "ftbench-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        dispatch_float!(s, "causal_softmax", causal_softmax_fwd, s, l, self)
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        // masked entries have y = 0, so their gradient is 0 too
+        let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(((y * dy.broadcast_sub(&dot)?)? * self.scale)?))
+    }
+}
+
+/// `softmax(scale · scores + mask)` over the last dimension for attention scores
+/// `[.., groups·t, past + t]` whose rows are `groups` copies of `t` query positions after
+/// `past` cached ones: the causal mask (and a sliding window) is applied inside, with backward.
+pub fn causal_softmax(
+    scores: &Tensor,
+    scale: f64,
+    t: usize,
+    past: usize,
+    window: Option<usize>,
+) -> CResult<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax {
+        scale,
+        t,
+        past,
+        window,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Rotary position embedding
 
 struct Rope {
@@ -988,5 +1077,35 @@ mod tests {
         let (dx64, dw64) = grads(DType::F64);
         assert!(max_abs_diff(&dx32, &dx64) < 1e-5);
         assert!(max_abs_diff(&dw32, &dw64) < 1e-5);
+    }
+
+    #[test]
+    fn causal_softmax_matches_composed_ops() {
+        // 2 groups of t = 3 queries after 2 cached positions, window 3
+        let (t, past, groups, window) = (3, 2, 2, Some(3));
+        let x = (randn(&[2, 1, groups * t, past + t], 31) * 4.0).unwrap();
+        let mut mask = vec![0f64; groups * t * (past + t)];
+        for r in 0..groups * t {
+            let pos = past + r % t;
+            for j in 0..past + t {
+                if j > pos || j + 3 <= pos {
+                    mask[r * (past + t) + j] = f64::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (groups * t, past + t), &Device::Cpu).unwrap();
+        check_against_composed(
+            &[x],
+            |v| causal_softmax(&v[0], 0.5, t, past, window).unwrap(),
+            |v| {
+                let z = (&v[0] * 0.5).unwrap().broadcast_add(&mask).unwrap();
+                let e = (z.broadcast_sub(&z.max_keepdim(D::Minus1).unwrap()))
+                    .unwrap()
+                    .exp()
+                    .unwrap();
+                e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+            },
+            1e-10,
+        );
     }
 }

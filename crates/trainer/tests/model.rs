@@ -37,7 +37,7 @@ const FAMILIES: [&str; 3] = ["gemma3", "llama", "qwen2"];
 
 fn ids(c: &ModelConfig, b: usize, t: usize, seed: u32) -> Tensor {
     let v: Vec<u32> = (0..b * t)
-        .map(|i| ((i as u32 * 7 + seed * 13 + 1) % c.vocab_size as u32))
+        .map(|i| (i as u32 * 7 + seed * 13 + 1) % c.vocab_size as u32)
         .collect();
     Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
 }
