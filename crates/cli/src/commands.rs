@@ -68,8 +68,8 @@ pub struct EvalArgs {
     /// Examples of the evaluation file used for the loss
     #[arg(long, default_value_t = 100)]
     pub max_examples: usize,
-    /// Longest example in tokens
-    #[arg(long, default_value_t = 512)]
+    /// Longest example in tokens (the quickstart trains at 256)
+    #[arg(long, default_value_t = 256)]
     pub max_seq_len: usize,
     /// GSM8K test questions for exact match (0 skips generation)
     #[arg(long, default_value_t = 0)]
@@ -101,7 +101,8 @@ pub fn eval(a: &EvalArgs) -> CliResult<()> {
         let items = data::load_gsm8k(&a.gsm8k_path, Some(a.gsm8k)).ctx()?;
         let progress = Progress::new(items.len() as u64, "gsm8k");
         let r = gsm8k_exact_match(&model, &tok, &cfg, &items, a.max_new_tokens, |i, c| {
-            progress.step(i as u64, &format!("{c} correct"))
+            progress.step(i as u64, &format!("{c} correct"));
+            true
         })
         .ctx()?;
         progress.finish();
@@ -158,8 +159,8 @@ pub fn score(a: &ScoreArgs) -> CliResult<()> {
     let ids = tok
         .encode(&a.text, !a.no_bos && tok.bos_id().is_some())
         .ctx()?;
-    if ids.is_empty() {
-        return Err("--text: encodes to no tokens".into());
+    if a.text.is_empty() || ids.is_empty() {
+        return Err("--text: empty; give the text to score".into());
     }
     check_context("--text", ids.len(), &model)?;
     let lps = score_tokens(&model, &ids).ctx()?;

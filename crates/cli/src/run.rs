@@ -156,7 +156,48 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether SIGINT or SIGTERM has arrived since [`catch_interrupts`].
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The first SIGINT/SIGTERM asks the run to stop at the next step or question and remove its
+/// staging folder; a second one ends the process at once (the default action).
+#[cfg(unix)]
+fn catch_interrupts() {
+    const SIGINT: i32 = 2;
+    const SIGTERM: i32 = 15;
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    extern "C" fn on_signal(signum: i32) {
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: signal() is async-signal-safe; 0 is SIG_DFL
+        unsafe {
+            signal(signum, 0);
+        }
+    }
+    // SAFETY: installs a handler that only stores to an atomic and resets itself
+    unsafe {
+        signal(SIGINT, on_signal as *const () as usize);
+        signal(SIGTERM, on_signal as *const () as usize);
+    }
+}
+
+#[cfg(not(unix))]
+fn catch_interrupts() {}
+
+fn check_interrupt() -> CliResult<()> {
+    if interrupted() {
+        return Err("interrupted; the run's staging folder was removed".into());
+    }
+    Ok(())
+}
+
 pub fn train(args: &TrainArgs) -> CliResult<()> {
+    catch_interrupts();
     let cfg = RunConfig::load(&args.config, &args.set).ctx()?;
     let threads = set_threads(cfg.model.threads);
     std::fs::create_dir_all(&cfg.output.dir)
@@ -259,6 +300,7 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     let mut total_tokens = 0u64;
     let mut last_loss = f64::NAN;
     for step in 1..=cfg.train.steps {
+        check_interrupt()?;
         let batches: Vec<_> = (0..cfg.train.gradient_accumulation_steps)
             .map(|_| batcher.next_batch())
             .collect();
@@ -297,6 +339,8 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     let train_phase = phase.finish();
     let train_tps = train_phase.tokens_per_s;
     record.phases.push(train_phase);
+
+    check_interrupt()?;
 
     // eval after
     let phase = PhaseMeter::start("eval");
@@ -433,6 +477,7 @@ fn run_gsm8k(
         cfg.eval.max_new_tokens,
         |i, correct| {
             progress.step(i as u64, &format!("{correct} correct"));
+            !interrupted()
         },
     )
     .ctx()?;

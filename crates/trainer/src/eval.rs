@@ -30,14 +30,15 @@ pub struct Gsm8kReport {
 }
 
 /// Generates an answer for each item with the prompt template of `data` and scores it.
-/// `on_item(done, correct_so_far)` is called after each question.
+/// `on_item(done, correct_so_far)` is called after each question; when it returns false the
+/// evaluation stops with an error (an interrupted run).
 pub fn gsm8k_exact_match(
     model: &Decoder,
     tok: &Tokenizer,
     data: &DataConfig,
     items: &[Gsm8kItem],
     max_new_tokens: usize,
-    mut on_item: impl FnMut(usize, usize),
+    mut on_item: impl FnMut(usize, usize) -> bool,
 ) -> Result<Gsm8kReport> {
     let stops = tok.stop_ids();
     let mut samples = Vec::with_capacity(items.len());
@@ -65,7 +66,9 @@ pub fn gsm8k_exact_match(
             completion,
             correct: ok,
         });
-        on_item(i + 1, correct);
+        if !on_item(i + 1, correct) {
+            return Err(crate::Error::Training("interrupted".into()));
+        }
     }
     let total = items.len();
     Ok(Gsm8kReport {

@@ -364,6 +364,16 @@ impl Decoder {
         let mut n = 0;
         for lin in self.linears_mut() {
             if matcher.matches(&lin.name, lin.name == "lm_head") {
+                let limit = lin.in_features().min(lin.out_features());
+                if lc.rank > limit {
+                    return Err(Error::config(
+                        "lora.rank",
+                        format!(
+                            "{} exceeds the smaller dimension of `{}` ({limit})",
+                            lc.rank, lin.name
+                        ),
+                    ));
+                }
                 lin.lora = Some(LoraAdapter::init(
                     lin.in_features(),
                     lin.out_features(),

@@ -258,7 +258,28 @@ impl RunConfig {
                 format!("must be in [0, 1], found {}", t.min_lr_ratio),
             ));
         }
-        if t.max_grad_norm < 0.0 {
+        if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
+            return Err(Error::config(
+                "train.adam_beta1",
+                format!(
+                    "betas must be in [0, 1), found {} and {}",
+                    t.adam_beta1, t.adam_beta2
+                ),
+            ));
+        }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            return Err(Error::config(
+                "train.weight_decay",
+                format!("must be >= 0, found {}", t.weight_decay),
+            ));
+        }
+        if self.eval.batch_size == 0 {
+            return Err(Error::config(
+                "eval.batch_size",
+                "must be at least 1, found 0",
+            ));
+        }
+        if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
             return Err(Error::config(
                 "train.max_grad_norm",
                 format!("must be >= 0, found {}", t.max_grad_norm),
@@ -329,8 +350,9 @@ pub fn learning_rate(cfg: &TrainConfig, step: usize) -> f64 {
     if step <= cfg.warmup_steps {
         return peak * step as f64 / cfg.warmup_steps.max(1) as f64;
     }
-    let decay_steps = cfg.steps.saturating_sub(cfg.warmup_steps).max(1);
-    let progress = ((step - cfg.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+    // the first step after warm-up runs at the peak, the last at the minimum
+    let decay_steps = cfg.steps.saturating_sub(cfg.warmup_steps + 1).max(1);
+    let progress = ((step - cfg.warmup_steps - 1) as f64 / decay_steps as f64).min(1.0);
     let min = peak * cfg.min_lr_ratio;
     min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
@@ -517,7 +539,7 @@ mod tests {
     #[test]
     fn schedule_warms_up_then_decays() {
         let cfg = TrainConfig {
-            steps: 110,
+            steps: 111,
             warmup_steps: 10,
             learning_rate: 1e-3,
             min_lr_ratio: 0.1,
@@ -525,9 +547,22 @@ mod tests {
         };
         assert!((learning_rate(&cfg, 5) - 5e-4).abs() < 1e-12);
         assert!((learning_rate(&cfg, 10) - 1e-3).abs() < 1e-12);
-        // halfway through the decay: min + (peak - min)/2 = 1e-4 + 4.5e-4
-        assert!((learning_rate(&cfg, 60) - 5.5e-4).abs() < 1e-12);
-        assert!((learning_rate(&cfg, 110) - 1e-4).abs() < 1e-12);
+        assert!(
+            (learning_rate(&cfg, 11) - 1e-3).abs() < 1e-12,
+            "first decay step at the peak"
+        );
+        // halfway through the decay (steps 11..=111): min + (peak - min)/2 = 1e-4 + 4.5e-4
+        assert!((learning_rate(&cfg, 61) - 5.5e-4).abs() < 1e-12);
+        assert!((learning_rate(&cfg, 111) - 1e-4).abs() < 1e-12);
+        let no_warmup = TrainConfig {
+            steps: 3,
+            warmup_steps: 0,
+            learning_rate: 1.0,
+            min_lr_ratio: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(learning_rate(&no_warmup, 1), 1.0);
+        assert!(learning_rate(&no_warmup, 3).abs() < 1e-12);
     }
 
     #[test]
