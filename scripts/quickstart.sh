@@ -7,9 +7,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 scripts/fetch-model.sh
-if [ ! -f ../shared/datasets/gsm8k/train.jsonl ]; then
-  echo "GSM8K not found at ../shared/datasets/gsm8k; fetch it with scripts/fetch-datasets.sh DIR" >&2
-  echo "and pass --set data.train_path=DIR/train.jsonl --set data.eval_path=DIR/test.jsonl --set eval.gsm8k_path=DIR/test.jsonl" >&2
+if [ ! -f ../shared/datasets/gsm8k/train.jsonl ] && [ $# -eq 0 ]; then
+  echo "error: GSM8K not found at ../shared/datasets/gsm8k; fetch it with scripts/fetch-datasets.sh DIR" >&2
+  echo "and run: scripts/quickstart.sh --set data.train_path=DIR/gsm8k/train.jsonl --set data.eval_path=DIR/gsm8k/test.jsonl --set eval.gsm8k_path=DIR/gsm8k/test.jsonl" >&2
+  exit 1
 fi
 cargo build --release -p ftbench-cli
 exec target/release/ftbench train --config configs/quickstart.toml "$@"
