@@ -95,7 +95,7 @@ fn main() -> ExitCode {
         Command::Bench(b) => bench::run(&b),
         Command::Cost(a) => ftbench_cost::cli::run_cost(&a).map_err(|e| e.to_string()),
         Command::Report(a) => ftbench_cost::cli::run_report(&a)
-            .map(|p| println!("report: {}", p.display()))
+            .map(|_| ())
             .map_err(|e| e.to_string()),
     };
     match result {
