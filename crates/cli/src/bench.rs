@@ -46,17 +46,6 @@ pub struct BenchTrainArgs {
     pub layers: Option<usize>,
 }
 
-/// Adapters on every projection of attention and MLP, as in the peer benchmark.
-const SEVEN_PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 pub fn run(cmd: &BenchCommand) -> CliResult<()> {
     match cmd {
         BenchCommand::Train(a) => bench_train(a),
@@ -79,7 +68,10 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
     if a.steps == 0 || a.batch == 0 || a.seq < 2 {
         return Err("--steps, --batch must be at least 1 and --seq at least 2".into());
     }
-    let targets: Vec<String> = SEVEN_PROJECTIONS.iter().map(|s| s.to_string()).collect();
+    let targets: Vec<String> = ftbench_meter::flops::LINEAR_MODULES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let lora = LoraConfig {
         rank: a.rank,
         alpha: a.alpha,

@@ -58,16 +58,7 @@ pub fn load(spec: &str, device: &Device) -> Result<LoadedModel> {
 pub fn load_config(spec: &str) -> Result<ModelConfig> {
     let path = Path::new(spec);
     if path.extension().is_some_and(|e| e == "gguf") {
-        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut f).map_err(|e| {
-            Error::model(
-                path,
-                format!("not a readable gguf file: {}", candle_msg(&e)),
-            )
-        })?;
-        let mut config = gguf_config(&content, path)?;
-        llama3_rope_from_gguf(&content, &mut f, path, &mut config)?;
-        return Ok(config);
+        return Ok(open_gguf(path)?.2);
     }
     let dir = if path.is_dir() {
         path.to_path_buf()
@@ -484,9 +475,8 @@ fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((out_f, in_f))?)
 }
 
-/// Loads a GGUF file: config from metadata, weights dequantized to f32 under HF names and
-/// conventions, and the embedded tokenizer.
-pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+/// Opens a GGUF file and reads its metadata into a config.
+fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content, ModelConfig)> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = gguf_file::Content::read(&mut f).map_err(|e| {
         Error::model(
@@ -496,6 +486,13 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     })?;
     let mut config = gguf_config(&content, path)?;
     llama3_rope_from_gguf(&content, &mut f, path, &mut config)?;
+    Ok((f, content, config))
+}
+
+/// Loads a GGUF file: config from metadata, weights dequantized to f32 under HF names and
+/// conventions, and the embedded tokenizer.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let (mut f, content, config) = open_gguf(path)?;
     let gemma = config.is_gemma();
     let permuted = matches!(config.family, crate::Family::Llama | crate::Family::Mistral);
     let mut weights: HashMap<String, Tensor> = HashMap::new();
