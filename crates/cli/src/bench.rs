@@ -10,7 +10,7 @@ use ftbench_trainer::model::{random_weights, Decoder, TrainMode};
 use ftbench_trainer::train::{self, Optim, TrainConfig};
 use serde_json::json;
 
-use crate::run::{anyhow_free::Context, set_threads, CliResult};
+use crate::run::{one_line_errors::Context, set_threads, CliResult};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {

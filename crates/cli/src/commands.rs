@@ -14,7 +14,7 @@ use ftbench_trainer::train;
 use serde_json::json;
 
 use crate::progress::Progress;
-use crate::run::{anyhow_free::Context, set_threads, CliResult};
+use crate::run::{one_line_errors::Context, set_threads, CliResult};
 
 #[derive(clap::Args)]
 pub struct ModelArgs {

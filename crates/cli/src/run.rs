@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow_free::Context;
 use candle_core::Device;
 use ftbench_meter::{MetricsLine, MetricsWriter, PhaseMeter, RunKind, RunRecord};
 use ftbench_trainer::data::{self, Batcher};
@@ -14,6 +13,7 @@ use ftbench_trainer::eval::{gsm8k_exact_match, Gsm8kReport};
 use ftbench_trainer::loader::{self, LoadedModel};
 use ftbench_trainer::model::{Decoder, TrainMode};
 use ftbench_trainer::train::{self, Mode, Optim, RunConfig};
+use one_line_errors::Context;
 
 use crate::progress::Progress;
 
@@ -30,7 +30,7 @@ pub struct TrainArgs {
 pub type CliResult<T> = std::result::Result<T, String>;
 
 /// Error helpers: every error becomes one line.
-pub mod anyhow_free {
+pub mod one_line_errors {
     pub trait Context<T> {
         fn ctx(self) -> super::CliResult<T>;
     }
@@ -418,10 +418,11 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     record
         .extra
         .insert("dataset".into(), serde_json::json!(cfg.data.train_path));
-    if let Some(TrainModeLora { rank, alpha }) = lora_summary(cfg) {
+    if cfg.train.mode == Mode::Lora {
+        let lc = &cfg.lora;
         record.extra.insert(
             "lora".into(),
-            serde_json::json!({"rank": rank, "alpha": alpha, "scaling": cfg.lora.scaling()}),
+            serde_json::json!({"rank": lc.rank, "alpha": lc.alpha, "scaling": lc.scaling()}),
         );
     }
     record.write_atomic(&dir.join("run.json")).ctx()?;
@@ -429,18 +430,6 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
         eprintln!("held-out loss {b:.4} -> {a:.4}; {train_tps:.0} tokens/s training");
     }
     Ok(())
-}
-
-struct TrainModeLora {
-    rank: usize,
-    alpha: f64,
-}
-
-fn lora_summary(cfg: &RunConfig) -> Option<TrainModeLora> {
-    (cfg.train.mode == Mode::Lora).then(|| TrainModeLora {
-        rank: cfg.lora.rank,
-        alpha: cfg.lora.alpha,
-    })
 }
 
 /// Canonical projection names that carry adapters (q_proj, ..., down_proj).

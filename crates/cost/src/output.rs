@@ -209,25 +209,10 @@ impl CostReport {
             .strategies
             .iter()
             .map(|s| {
-                vec![
-                    s.name.clone(),
-                    fmt_num(s.upfront.total_usd),
-                    fmt_num(s.monthly_fixed_usd),
-                    fmt_num(s.per_call_usd),
-                    fmt_num(s.maintenance_per_year_usd),
-                    s.inputs
-                        .iter()
-                        .filter(|i| i.name != "engineering_hours")
-                        .map(|i| {
-                            let o = match &i.origin {
-                                Origin::Assumed => "assumed".to_string(),
-                                Origin::Measured(r) => format!("measured: {r}"),
-                            };
-                            format!("{} {} {} ({o})", i.name, fmt_num(i.value), i.unit)
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                ]
+                strategy_row(s, &s.name, " ", |o| match o {
+                    Origin::Assumed => "assumed".to_string(),
+                    Origin::Measured(r) => format!("measured: {r}"),
+                })
             })
             .collect();
         out.push_str(&table(
@@ -458,4 +443,37 @@ pub fn section(s: &str) -> String {
     } else {
         s.to_string()
     }
+}
+
+/// One row of the strategies table: name, upfront, monthly fixed, per call, maintenance a
+/// year, and the inputs with where each came from (`origin` renders that for the medium).
+pub(crate) fn strategy_row(
+    s: &Strategy,
+    name: &str,
+    eq: &str,
+    origin: impl Fn(&Origin) -> String,
+) -> Vec<String> {
+    let inputs = s
+        .inputs
+        .iter()
+        .filter(|i| i.name != "engineering_hours")
+        .map(|i| {
+            format!(
+                "{}{eq}{} {} ({})",
+                i.name,
+                fmt_num(i.value),
+                i.unit,
+                origin(&i.origin)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    vec![
+        name.to_string(),
+        fmt_num(s.upfront.total_usd),
+        fmt_num(s.monthly_fixed_usd),
+        fmt_num(s.per_call_usd),
+        fmt_num(s.maintenance_per_year_usd),
+        inputs,
+    ]
 }

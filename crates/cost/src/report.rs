@@ -291,25 +291,10 @@ fn write_cost_section(md: &mut String, c: &CostReport, out_dir: &Path) -> Result
         .strategies
         .iter()
         .map(|s| {
-            vec![
-                s.label.clone(),
-                fmt_num(s.upfront.total_usd),
-                fmt_num(s.monthly_fixed_usd),
-                fmt_num(s.per_call_usd),
-                fmt_num(s.maintenance_per_year_usd),
-                s.inputs
-                    .iter()
-                    .filter(|i| i.name != "engineering_hours")
-                    .map(|i| {
-                        let o = match &i.origin {
-                            Origin::Assumed => "*assumed*".to_string(),
-                            Origin::Measured(r) => format!("**measured** in `{r}`"),
-                        };
-                        format!("{} = {} {} ({o})", i.name, fmt_num(i.value), i.unit)
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            ]
+            crate::output::strategy_row(s, &s.label, " = ", |o| match o {
+                Origin::Assumed => "*assumed*".to_string(),
+                Origin::Measured(r) => format!("**measured** in `{r}`"),
+            })
         })
         .collect();
     md_table(

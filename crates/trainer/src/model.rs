@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::lora::{dropout_mask, LoraAdapter, LoraConfig};
 use crate::ops;
+pub use crate::ops::masked_cross_entropy;
 
 /// What a forward pass may change.
 #[derive(Debug, Clone, PartialEq)]
@@ -728,14 +729,7 @@ impl Decoder {
     /// Logits `[b, t, vocab]` (for scoring and generation; training uses [`Decoder::loss`]).
     pub fn forward_logits(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.forward_hidden(ids, cache, &mut Ctx { dropout_rng: None })?;
-        let mut logits = h.broadcast_matmul(&self.head_weight().t()?)?;
-        if let Some(lora) = self.lm_head.as_ref().and_then(|l| l.lora.as_ref()) {
-            logits = (logits + lora.forward(&h, None)?)?;
-        }
-        if let Some(cap) = self.config.final_logit_softcapping {
-            logits = ((logits / cap)?.tanh()? * cap)?;
-        }
-        Ok(logits)
+        self.logits_from_hidden(&h)
     }
 
     /// Masked mean next-token cross-entropy of a batch. `ids`, `targets`: `[b, t]`;
@@ -752,8 +746,8 @@ impl Decoder {
         let h = h.reshape((b * t, self.config.hidden_size))?;
         if self.lm_head.as_ref().is_some_and(|l| l.lora.is_some()) {
             // an adapter on the LM head: full logits through candle ops
-            let logits = self.forward_logits_from_hidden(&h)?;
-            return masked_cross_entropy(&logits, targets, mask);
+            let logits = self.logits_from_hidden(&h)?;
+            return Ok(masked_cross_entropy(&logits, targets, mask)?);
         }
         let weight_grad = self.mode == TrainMode::Full;
         Ok(ops::lm_head_loss(
@@ -766,8 +760,9 @@ impl Decoder {
         )?)
     }
 
-    fn forward_logits_from_hidden(&self, h: &Tensor) -> Result<Tensor> {
-        let mut logits = h.matmul(&self.head_weight().t()?)?;
+    /// Logits from final hidden states `[.., hidden]`: LM head, its adapter, soft-capping.
+    fn logits_from_hidden(&self, h: &Tensor) -> Result<Tensor> {
+        let mut logits = h.broadcast_matmul(&self.head_weight().t()?)?;
         if let Some(lora) = self.lm_head.as_ref().and_then(|l| l.lora.as_ref()) {
             logits = (logits + lora.forward(h, None)?)?;
         }
@@ -776,17 +771,6 @@ impl Decoder {
         }
         Ok(logits)
     }
-}
-
-/// Masked mean cross-entropy of `logits: [n, vocab]` (candle's own has no mask).
-pub fn masked_cross_entropy(logits: &Tensor, targets: &[u32], mask: &[f32]) -> Result<Tensor> {
-    let n = targets.len();
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let idx = Tensor::from_slice(targets, (n, 1), logits.device())?;
-    let nll = logp.gather(&idx, 1)?.squeeze(1)?.neg()?;
-    let m = Tensor::from_slice(mask, n, logits.device())?.to_dtype(logits.dtype())?;
-    let denom = mask.iter().map(|&v| v as f64).sum::<f64>().max(1.0);
-    Ok(((nll * m)?.sum_all()? / denom)?)
 }
 
 /// Random weights for a config, HF names: matrices uniform with standard deviation 0.02

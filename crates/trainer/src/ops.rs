@@ -751,12 +751,16 @@ pub fn lm_head_loss_reference(
     targets: &[u32],
     mask: &[f32],
 ) -> CResult<Tensor> {
-    let logits = h.matmul(&w.t()?)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    masked_cross_entropy(&h.matmul(&w.t()?)?, targets, mask)
+}
+
+/// Masked mean cross-entropy of `logits: [n, vocab]` (candle's own has no mask).
+pub fn masked_cross_entropy(logits: &Tensor, targets: &[u32], mask: &[f32]) -> CResult<Tensor> {
     let n = targets.len();
-    let idx = Tensor::from_slice(targets, (n, 1), h.device())?;
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let idx = Tensor::from_slice(targets, (n, 1), logits.device())?;
     let nll = logp.gather(&idx, 1)?.squeeze(1)?.neg()?;
-    let m = Tensor::from_slice(mask, n, h.device())?.to_dtype(h.dtype())?;
+    let m = Tensor::from_slice(mask, n, logits.device())?.to_dtype(logits.dtype())?;
     let denom = mask.iter().map(|&v| v as f64).sum::<f64>().max(1.0);
     (nll * m)?.sum_all()? / denom
 }
