@@ -38,6 +38,10 @@ pub enum Error {
     #[error("adapter {path}: {msg}")]
     Adapter { path: PathBuf, msg: String },
 
+    /// A weight that cannot be quantized, or a quantized weight that cannot be read.
+    #[error(transparent)]
+    Quant(#[from] crate::quant::QuantError),
+
     /// Training diverged or cannot continue.
     #[error("training: {0}")]
     Training(String),

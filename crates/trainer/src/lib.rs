@@ -10,6 +10,7 @@ pub mod loader;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod tokenizer;
 pub mod train;
 
