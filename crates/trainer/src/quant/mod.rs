@@ -17,7 +17,9 @@ pub enum QuantError {
         block: usize,
     },
 
-    #[error("{name}: expected {expected} values for [{out_features}, {in_features}], found {found}")]
+    #[error(
+        "{name}: expected {expected} values for [{out_features}, {in_features}], found {found}"
+    )]
     Length {
         name: String,
         out_features: usize,
