@@ -14,6 +14,7 @@ use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::lora::{dropout_mask, LoraAdapter, LoraConfig};
 use crate::ops;
+use crate::quant::QuantWeight;
 pub use crate::ops::masked_cross_entropy;
 
 /// What a forward pass may change.
@@ -27,12 +28,36 @@ pub enum TrainMode {
     Full,
 }
 
+/// A frozen base weight `[out, in]`: dense, or kept quantized (QLoRA).
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    Dense(Tensor),
+    Quant(QuantWeight),
+}
+
+impl BaseWeight {
+    /// `(out_features, in_features)`
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(t) => (t.dims()[0], t.dims()[1]),
+            Self::Quant(q) => q.dims(),
+        }
+    }
+
+    /// The weight as a dense f32 tensor (dequantized if need be).
+    pub fn dense(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => Ok(t.clone()),
+            Self::Quant(q) => Ok(q.dequantize(device)?),
+        }
+    }
+}
+
 /// A linear layer `y = x Wᵀ (+ b)` with an optional LoRA adapter.
 pub struct Linear {
     /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    /// `[out, in]`
-    pub weight: Tensor,
+    pub base: BaseWeight,
     /// Set in full fine-tuning: the weight as a variable.
     weight_var: Option<Var>,
     bias: Option<Tensor>,
@@ -43,7 +68,10 @@ impl Linear {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut y = match &self.weight_var {
             Some(w) => x.broadcast_matmul(&w.as_tensor().t()?)?,
-            None => ops::frozen_linear(x, &self.weight)?,
+            None => match &self.base {
+                BaseWeight::Dense(w) => ops::frozen_linear(x, w)?,
+                BaseWeight::Quant(q) => ops::quant_linear(x, q)?,
+            },
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -59,15 +87,16 @@ impl Linear {
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.base.dims().1
     }
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.base.dims().0
     }
 
-    /// The weight with the adapter merged: `W + scaling · B A`.
+    /// The weight with the adapter merged: `W + scaling · B A` (onto the dequantized weight
+    /// when the base is quantized).
     pub fn merged_weight(&self) -> Result<Tensor> {
-        let w = self.current_weight();
+        let w = self.current_weight()?;
         match &self.lora {
             Some(l) => {
                 let delta = l.delta()?.to_dtype(w.dtype())?;
@@ -77,10 +106,11 @@ impl Linear {
         }
     }
 
-    fn current_weight(&self) -> Tensor {
+    /// The current weight, dense f32 (dequantized when the base is quantized).
+    pub fn current_weight(&self) -> Result<Tensor> {
         match &self.weight_var {
-            Some(v) => v.as_tensor().clone(),
-            None => self.weight.clone(),
+            Some(v) => Ok(v.as_tensor().clone()),
+            None => self.base.dense(&Device::Cpu),
         }
     }
 }
@@ -167,12 +197,28 @@ pub struct Decoder {
 /// A weight source: HF names to tensors, in HF conventions (Gemma norms as stored by HF).
 pub type Weights = HashMap<String, Tensor>;
 
+/// Linear weights kept quantized, by HF name (`model.layers.0.mlp.up_proj.weight`).
+pub type QuantWeights = HashMap<String, QuantWeight>;
+
 impl Decoder {
     /// Builds the decoder from HF-named weights. In LoRA mode, adapters are created on the
     /// matching linear layers (seeded); an adapter that matches nothing is an error.
     pub fn new(
         config: ModelConfig,
+        weights: Weights,
+        mode: TrainMode,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::with_quantized(config, weights, QuantWeights::new(), mode, seed, device)
+    }
+
+    /// As [`Decoder::new`], with some linear weights held quantized (a frozen QLoRA base):
+    /// each name in `quant` replaces the dense weight of that name.
+    pub fn with_quantized(
+        config: ModelConfig,
         mut weights: Weights,
+        mut quant: QuantWeights,
         mode: TrainMode,
         seed: u64,
         device: &Device,
@@ -216,26 +262,44 @@ impl Decoder {
                 eps: c.rms_norm_eps,
             })
         };
-        let linear = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
-                      name: String,
-                      out_f: usize,
-                      in_f: usize,
-                      bias: bool|
+        if full && !quant.is_empty() {
+            return Err(Error::config(
+                "train.mode",
+                "full fine-tuning needs a dense base; found quantized weights (set model.quantization = \"none\")",
+            ));
+        }
+        let mut linear = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
+                          name: String,
+                          out_f: usize,
+                          in_f: usize,
+                          bias: bool|
          -> Result<Linear> {
-            let weight = take(&format!("{name}.weight"), &[out_f, in_f])?;
+            let wname = format!("{name}.weight");
+            let base = match quant.remove(&wname) {
+                Some(q) if q.dims() != (out_f, in_f) => {
+                    return Err(Error::config(
+                        "model",
+                        format!(
+                            "quantized weight `{wname}` has shape {:?}, expected [{out_f}, {in_f}]",
+                            q.dims()
+                        ),
+                    ))
+                }
+                Some(q) => BaseWeight::Quant(q),
+                None => BaseWeight::Dense(take(&wname, &[out_f, in_f])?),
+            };
             let bias = if bias {
                 Some(take(&format!("{name}.bias"), &[out_f])?)
             } else {
                 None
             };
-            let weight_var = if full {
-                Some(Var::from_tensor(&weight)?)
-            } else {
-                None
+            let weight_var = match (&base, full) {
+                (BaseWeight::Dense(w), true) => Some(Var::from_tensor(w)?),
+                _ => None,
             };
             Ok(Linear {
                 name,
-                weight,
+                base,
                 weight_var,
                 bias,
                 lora: None,
@@ -301,6 +365,13 @@ impl Decoder {
                 false,
             )?)
         };
+        drop(linear);
+        if let Some(name) = quant.keys().min() {
+            return Err(Error::config(
+                "model",
+                format!("quantized weight `{name}` matches no linear layer of the model"),
+            ));
+        }
         let embed_var = if full {
             Some(Var::from_tensor(&embed_tokens)?)
         } else {
@@ -497,6 +568,39 @@ impl Decoder {
         out
     }
 
+    /// The frozen linear projections' parameter count and the bytes they hold (dense f32 or
+    /// quantized), LM head excluded.
+    pub fn base_linear_footprint(&self) -> (usize, usize) {
+        let mut params = 0;
+        let mut bytes = 0;
+        for lin in self.blocks.iter().flat_map(|b| {
+            [
+                &b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj,
+            ]
+        }) {
+            let (o, i) = lin.base.dims();
+            params += o * i;
+            bytes += match &lin.base {
+                BaseWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+                BaseWeight::Quant(q) => q.storage_bytes(),
+            };
+        }
+        (params, bytes)
+    }
+
+    /// How many frozen projections are held in each format (`f32`, `nf4`, `q4k`, ...).
+    pub fn base_linear_formats(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for lin in self.linears() {
+            let kind = match &lin.base {
+                BaseWeight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
+                BaseWeight::Quant(q) => q.kind(),
+            };
+            *out.entry(kind).or_insert(0) += 1;
+        }
+        out
+    }
+
     /// The adapters with their module paths.
     pub fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
         self.linears()
@@ -510,7 +614,7 @@ impl Decoder {
         let mut n = 0;
         for lin in self.linears_mut() {
             if lin.lora.is_some() {
-                lin.weight = lin.merged_weight()?;
+                lin.base = BaseWeight::Dense(lin.merged_weight()?);
                 lin.lora = None;
                 n += 1;
             }
@@ -533,7 +637,7 @@ impl Decoder {
             let t = if merge {
                 lin.merged_weight()?
             } else {
-                lin.current_weight()
+                lin.current_weight()?
             };
             w.insert(format!("{}.weight", lin.name), t);
             if let Some(b) = &lin.bias {
@@ -716,9 +820,8 @@ impl Decoder {
     fn head_weight(&self) -> Tensor {
         match &self.lm_head {
             Some(l) => l
-                .weight_var
-                .as_ref()
-                .map_or(l.weight.clone(), |v| v.as_tensor().clone()),
+                .current_weight()
+                .expect("the lm head is never quantized"),
             None => self
                 .embed_var
                 .as_ref()

@@ -18,7 +18,10 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, WithDType, D,
+};
+use crate::quant::QuantWeight;
 use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
@@ -404,39 +407,49 @@ struct FrozenLinear {
     weight: Tensor,
 }
 
+/// `y = x Wᵀ` on the cpu for a contiguous `x: [.., in]` and `w: [out, in]`.
+fn linear_cpu(s: &CpuStorage, l: &Layout, weight: &Tensor, op: &str) -> CResult<(CpuStorage, Shape)> {
+    let (out_f, in_f) = weight.dims2()?;
+    let dims = l.dims();
+    if dims.last() != Some(&in_f) {
+        candle_core::bail!("{op}: input {dims:?} for weight [{out_f}, {in_f}]");
+    }
+    let m = l.shape().elem_count() / in_f;
+    let Some((offset, _)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous")
+    };
+    let xl = Layout::contiguous_with_offset((m, in_f), offset);
+    let (ws, wl) = weight.storage_and_layout();
+    let candle_core::Storage::Cpu(ws) = &*ws else {
+        candle_core::bail!("{op}: weight is not on the cpu")
+    };
+    let wt = wl.transpose(0, 1)?; // [in, out] view of [out, in]
+    let y = s.matmul(ws, (1, m, out_f, in_f), &xl, &wt)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = out_f;
+    Ok((y, Shape::from(out_dims)))
+}
+
+/// `dx = dy W` for `dy: [.., out]` and `w: [out, in]`.
+fn linear_input_grad(dy: &Tensor, weight: &Tensor) -> CResult<Tensor> {
+    let (out_f, in_f) = weight.dims2()?;
+    let mut dims = dy.dims().to_vec();
+    let dx = dy.reshape(((), out_f))?.matmul(weight)?;
+    *dims.last_mut().unwrap() = in_f;
+    dx.reshape(dims)
+}
+
 impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
         "ftbench-frozen-linear"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (out_f, in_f) = self.weight.dims2()?;
-        let dims = l.dims();
-        if dims.last() != Some(&in_f) {
-            candle_core::bail!("frozen_linear: input {dims:?} for weight [{out_f}, {in_f}]");
-        }
-        let m = l.shape().elem_count() / in_f;
-        let Some((offset, _)) = l.contiguous_offsets() else {
-            candle_core::bail!("frozen_linear: input must be contiguous")
-        };
-        let xl = Layout::contiguous_with_offset((m, in_f), offset);
-        let (ws, wl) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(ws) = &*ws else {
-            candle_core::bail!("frozen_linear: weight is not on the cpu")
-        };
-        let wt = wl.transpose(0, 1)?; // [in, out] view of [out, in]
-        let y = s.matmul(ws, (1, m, out_f, in_f), &xl, &wt)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = out_f;
-        Ok((y, Shape::from(out_dims)))
+        linear_cpu(s, l, &self.weight, "frozen_linear")
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
-        let (out_f, in_f) = self.weight.dims2()?;
-        let mut dims = dy.dims().to_vec();
-        let dx = dy.reshape(((), out_f))?.matmul(&self.weight)?;
-        *dims.last_mut().unwrap() = in_f;
-        Ok(Some(dx.reshape(dims)?))
+        Ok(Some(linear_input_grad(dy, &self.weight)?))
     }
 }
 
@@ -449,6 +462,43 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> CResult<Tensor> {
         candle_core::bail!("frozen_linear: only the cpu device is supported in this build");
     }
     x.contiguous()?.apply_op1(FrozenLinear {
+        weight: weight.clone(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frozen quantized linear
+
+struct QuantLinear {
+    weight: QuantWeight,
+}
+
+impl CustomOp1 for QuantLinear {
+    fn name(&self) -> &'static str {
+        "ftbench-quant-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        // this layer's weight in f32, dropped as soon as the product is done
+        let w = self.weight.dequantize(&Device::Cpu)?;
+        linear_cpu(s, l, &w, "quant_linear")
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        // dequantized again rather than kept from the forward: no f32 copy outlives a product
+        let w = self.weight.dequantize(x.device())?;
+        Ok(Some(linear_input_grad(dy, &w)?))
+    }
+}
+
+/// `x Wᵀ` for a frozen quantized `W: [out, in]`: the forward dequantizes the layer, multiplies
+/// and drops the f32 copy; the backward returns only `dx = dy · dequant(W)` (no weight
+/// gradient).
+pub fn quant_linear(x: &Tensor, weight: &QuantWeight) -> CResult<Tensor> {
+    if !x.device().is_cpu() {
+        candle_core::bail!("quant_linear: only the cpu device is supported in this build");
+    }
+    x.contiguous()?.apply_op1(QuantLinear {
         weight: weight.clone(),
     })
 }

@@ -1,5 +1,7 @@
 //! Weight quantization for QLoRA: bitsandbytes' 4-bit NormalFloat (NF4) codec with its
-//! double quantization of the block scales, bit for bit, and its safetensors layout.
+//! double quantization of the block scales, bit for bit, and its safetensors layout
+//! ([`nf4`]); the quantized frozen weight the quantized linear op multiplies by, NF4 or a
+//! GGUF file's own blocks ([`weight`]).
 
 pub mod nf4;
 
@@ -66,3 +68,6 @@ impl QuantError {
         }
     }
 }
+
+pub mod weight;
+pub use weight::{is_quantizable, QuantWeight, Quantization};

@@ -1,0 +1,176 @@
+//! A frozen linear weight kept quantized: NF4 (bitsandbytes' format) or a GGUF file's own
+//! blocks (Q4_K, Q6_K, Q8_0, ...). Neither is ever held as a persistent f32 copy: the
+//! quantized linear op dequantizes one layer right before its product and drops it after.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::nf4::Nf4Weight;
+
+/// How the frozen base's linear projections are held (`[model] quantization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// Dense f32 (GGUF blocks and bitsandbytes NF4 files are dequantized at load).
+    #[default]
+    None,
+    /// NF4 with double quantization, quantized at load from dense weights (QLoRA).
+    Nf4,
+    /// As stored: a GGUF file's quantized tensors or a pre-quantized bitsandbytes checkpoint.
+    Keep,
+}
+
+impl Quantization {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "none" => Some(Self::None),
+            "nf4" => Some(Self::Nf4),
+            "keep" => Some(Self::Keep),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Nf4 => "nf4",
+            Self::Keep => "keep",
+        }
+    }
+}
+
+/// The HF weight names that may be held quantized: the seven projections of each layer (as
+/// bitsandbytes does, embeddings, norms and the LM head stay dense).
+pub fn is_quantizable(hf_name: &str) -> bool {
+    const PROJ: [&str; 7] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ];
+    hf_name.starts_with("model.layers.")
+        && hf_name
+            .strip_suffix(".weight")
+            .and_then(|m| m.rsplit('.').next())
+            .is_some_and(|last| PROJ.contains(&last))
+}
+
+/// A quantized `[out, in]` weight.
+#[derive(Clone)]
+pub enum QuantWeight {
+    Nf4(Arc<Nf4Weight>),
+    /// Row bands of a GGUF tensor (each a `QTensor` of whole rows), dequantized in parallel.
+    Gguf {
+        dtype: GgmlDType,
+        dims: (usize, usize),
+        bands: Arc<Vec<QTensor>>,
+    },
+}
+
+impl std::fmt::Debug for QuantWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QuantWeight({} {:?})", self.kind(), self.dims())
+    }
+}
+
+/// Rows per band of a GGUF weight: small enough that each core gets several bands.
+const GGUF_BAND_ROWS: usize = 64;
+
+impl QuantWeight {
+    /// Splits `qt: [out, in]` into bands of whole rows (a quantized row is a run of whole
+    /// blocks, so rows can be cut and reordered as bytes). `row_order[i]` is the source row of
+    /// output row `i` (used to undo llama.cpp's q/k permutation); None keeps the order.
+    pub fn from_gguf(qt: &QTensor, row_order: Option<&[usize]>) -> candle_core::Result<Self> {
+        let (out_f, in_f) = qt.shape().dims2()?;
+        let dtype = qt.dtype();
+        let bs = dtype.block_size();
+        if in_f % bs != 0 {
+            candle_core::bail!(
+                "{dtype:?} tensor of shape [{out_f}, {in_f}]: rows of {in_f} values do not fill whole blocks of {bs}"
+            );
+        }
+        let row_bytes = in_f / bs * dtype.type_size();
+        let data = qt.data()?;
+        if data.len() != out_f * row_bytes {
+            candle_core::bail!(
+                "{dtype:?} tensor of shape [{out_f}, {in_f}]: {} bytes, expected {}",
+                data.len(),
+                out_f * row_bytes
+            );
+        }
+        let mut bands = Vec::new();
+        let mut start = 0;
+        while start < out_f {
+            let end = (start + GGUF_BAND_ROWS).min(out_f);
+            let mut bytes = Vec::with_capacity((end - start) * row_bytes);
+            for r in start..end {
+                let src = row_order.map_or(r, |o| o[r]);
+                bytes.extend_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+            let storage = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Owned(bytes),
+                &Device::Cpu,
+                dtype,
+            )?;
+            bands.push(QTensor::new(storage, (end - start, in_f))?);
+            start = end;
+        }
+        Ok(Self::Gguf {
+            dtype,
+            dims: (out_f, in_f),
+            bands: Arc::new(bands),
+        })
+    }
+
+    /// `(out_features, in_features)`
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Nf4(w) => (w.out_features, w.in_features),
+            Self::Gguf { dims, .. } => *dims,
+        }
+    }
+
+    /// `nf4` or the GGUF block type in lower case (`q4k`, `q6k`, `q8_0`).
+    pub fn kind(&self) -> String {
+        match self {
+            Self::Nf4(_) => "nf4".into(),
+            Self::Gguf { dtype, .. } => format!("{dtype:?}").to_lowercase(),
+        }
+    }
+
+    /// Bytes held by the quantized weight.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Self::Nf4(w) => w.storage_bytes(),
+            Self::Gguf { bands, .. } => bands.iter().map(|b| b.storage_size_in_bytes()).sum(),
+        }
+    }
+
+    /// The dequantized weight, f32 `[out, in]`, on `device`.
+    pub fn dequantize(&self, device: &Device) -> candle_core::Result<Tensor> {
+        let (out_f, in_f) = self.dims();
+        let mut dst = vec![0f32; out_f * in_f];
+        match self {
+            Self::Nf4(w) => {
+                // rows in parallel bands of 64
+                dst.par_chunks_mut(64 * in_f)
+                    .enumerate()
+                    .for_each(|(i, chunk)| {
+                        let r0 = i * 64;
+                        w.dequantize_rows(r0..r0 + chunk.len() / in_f, chunk)
+                    });
+            }
+            Self::Gguf { bands, .. } => {
+                dst.par_chunks_mut(GGUF_BAND_ROWS * in_f)
+                    .zip(bands.par_iter())
+                    .try_for_each(|(chunk, band)| -> candle_core::Result<()> {
+                        let t = band.dequantize(&Device::Cpu)?;
+                        let v = t.flatten_all()?.to_vec1::<f32>()?;
+                        chunk.copy_from_slice(&v);
+                        Ok(())
+                    })?;
+            }
+        }
+        Tensor::from_vec(dst, (out_f, in_f), device)
+    }
+}
