@@ -1,16 +1,21 @@
 //! Loading a base model: an HF folder or hub id (config.json, safetensors, tokenizer.json) or
 //! a GGUF file (metadata to config, weights dequantized to f32, the embedded tokenizer).
+//! With [`Quantization::Keep`] a GGUF file's quantized projections and a bitsandbytes NF4
+//! checkpoint's weights stay quantized; with [`Quantization::Nf4`] dense projections are
+//! quantized to NF4 at load.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::Weights;
+use crate::model::{QuantWeights, Weights};
+use crate::quant::nf4::Nf4Weight;
+use crate::quant::{is_quantizable, QuantWeight, Quantization};
 use crate::tokenizer::Tokenizer;
 
 /// A base model ready to build a [`crate::Decoder`] from.
@@ -18,6 +23,8 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// HF-named weights in HF conventions.
     pub weights: Weights,
+    /// Linear weights held quantized (empty unless a quantization was asked for).
+    pub quantized: QuantWeights,
     pub tokenizer: Tokenizer,
     /// What was loaded, for records: a path or a hub id.
     pub source: String,
@@ -28,15 +35,61 @@ pub struct LoadedModel {
 /// Loads `spec`: a `.gguf` file, an HF folder, or a hub id (`org/name`, through hf-hub's cache;
 /// with `HF_HUB_OFFLINE=1` only the cache is read).
 pub fn load(spec: &str, device: &Device) -> Result<LoadedModel> {
+    load_with(spec, device, Quantization::None)
+}
+
+/// As [`load`], holding the linear projections as `quant` asks.
+pub fn load_with(spec: &str, device: &Device, quant: Quantization) -> Result<LoadedModel> {
+    let mut m = load_as_stored(spec, device, quant)?;
+    match quant {
+        Quantization::None => {}
+        Quantization::Nf4 => quantize_nf4(&mut m)?,
+        Quantization::Keep if m.quantized.is_empty() => {
+            return Err(Error::config(
+                "model.quantization",
+                format!(
+                    "\"keep\": {} holds no quantized linear weights (expected a gguf file with quantized tensors or a bitsandbytes nf4 checkpoint; use \"nf4\" to quantize at load)",
+                    m.path.display()
+                ),
+            ))
+        }
+        Quantization::Keep => {}
+    }
+    Ok(m)
+}
+
+/// Quantizes every dense projection of `m` to NF4 with double quantization.
+fn quantize_nf4(m: &mut LoadedModel) -> Result<()> {
+    let mut names: Vec<String> = m
+        .weights
+        .keys()
+        .filter(|k| is_quantizable(k))
+        .cloned()
+        .collect();
+    names.sort();
+    for name in names {
+        let t = m.weights.remove(&name).expect("listed above");
+        let (out_f, in_f) = t.dims2()?;
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        drop(t);
+        let q = Nf4Weight::quantize(&name, &v, out_f, in_f, true)
+            .map_err(|e| Error::config("model.quantization", e.to_string()))?;
+        m.quantized.insert(name, QuantWeight::Nf4(std::sync::Arc::new(q)));
+    }
+    Ok(())
+}
+
+fn load_as_stored(spec: &str, device: &Device, quant: Quantization) -> Result<LoadedModel> {
+    let keep = quant == Quantization::Keep;
     let path = Path::new(spec);
     if path.extension().is_some_and(|e| e == "gguf") {
         if !path.is_file() {
             return Err(Error::model(path, "no such gguf file"));
         }
-        return load_gguf(path, device);
+        return load_gguf_with(path, device, keep);
     }
     if path.is_dir() {
-        return load_hf_dir(path, spec, device);
+        return load_hf_dir_with(path, spec, device, keep);
     }
     if path.exists() {
         return Err(Error::model(
@@ -46,7 +99,7 @@ pub fn load(spec: &str, device: &Device) -> Result<LoadedModel> {
     }
     if spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/') {
         let dir = fetch_hub(spec)?;
-        return load_hf_dir(&dir, spec, device);
+        return load_hf_dir_with(&dir, spec, device, keep);
     }
     Err(Error::model(
         path,
@@ -150,6 +203,15 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
 
 /// Loads an HF folder: config.json, model.safetensors (or a sharded index), tokenizer.json.
 pub fn load_hf_dir(dir: &Path, source: &str, device: &Device) -> Result<LoadedModel> {
+    load_hf_dir_with(dir, source, device, false)
+}
+
+/// Suffix of the tensor that marks a bitsandbytes 4-bit weight and holds its quant state.
+const BNB_NF4_STATE: &str = ".quant_state.bitsandbytes__nf4";
+
+/// As [`load_hf_dir`]; bitsandbytes NF4 weights stay quantized when `keep` is set and are
+/// dequantized to f32 otherwise.
+fn load_hf_dir_with(dir: &Path, source: &str, device: &Device, keep: bool) -> Result<LoadedModel> {
     let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
     let single = dir.join("model.safetensors");
     let files: Vec<PathBuf> = if single.is_file() {
@@ -168,13 +230,37 @@ pub fn load_hf_dir(dir: &Path, source: &str, device: &Device) -> Result<LoadedMo
             .collect()
     };
     let mut weights = Weights::new();
+    let mut quantized = QuantWeights::new();
     for f in &files {
-        let ts = candle_core::safetensors::load(f, &Device::Cpu)
-            .map_err(|e| Error::model(f, format!("cannot read safetensors: {}", candle_msg(&e))))?;
+        let mut ts: HashMap<String, Tensor> = candle_core::safetensors::load(f, &Device::Cpu)
+            .map_err(|e| Error::model(f, format!("cannot read safetensors: {}", candle_msg(&e))))?
+            .into_iter()
+            .filter_map(|(k, t)| text_model_name(k).map(|k| (k, t)))
+            .collect();
+        // bitsandbytes 4-bit weights: `<w>` packed codes plus `<w>.absmax`, `<w>.quant_map`, ...
+        let mut bnb: Vec<String> = ts
+            .keys()
+            .filter_map(|k| k.strip_suffix(BNB_NF4_STATE).map(str::to_string))
+            .collect();
+        bnb.sort();
+        for w in bnb {
+            let q = Nf4Weight::from_bnb_tensors(&w, &|k: &str| ts.get(k).cloned())
+                .map_err(|e| Error::model(f, e.to_string()))?;
+            ts.retain(|k, _| !(k == &w || k.starts_with(&format!("{w}."))));
+            if keep {
+                quantized.insert(w, QuantWeight::Nf4(std::sync::Arc::new(q)));
+            } else {
+                let t = Tensor::from_vec(q.dequantize(), (q.out_features, q.in_features), device)?;
+                weights.insert(w, t);
+            }
+        }
         for (k, t) in ts {
-            let Some(k) = text_model_name(k) else {
-                continue;
-            };
+            if t.dtype() == DType::U8 && k.ends_with(".weight") {
+                return Err(Error::model(
+                    f,
+                    format!("tensor `{k}` is u8 without a quant state (expected `{k}{BNB_NF4_STATE}`)"),
+                ));
+            }
             weights.insert(k, t.to_dtype(DType::F32)?.to_device(device)?);
         }
     }
@@ -186,6 +272,7 @@ pub fn load_hf_dir(dir: &Path, source: &str, device: &Device) -> Result<LoadedMo
     Ok(LoadedModel {
         config,
         weights,
+        quantized,
         tokenizer,
         source: source.to_string(),
         path: dir.to_path_buf(),
@@ -475,10 +562,120 @@ fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((out_f, in_f))?)
 }
 
+/// The source row of each output row of [`unpermute_qk`], for a weight of `out_f` rows.
+fn unpermute_qk_rows(out_f: usize, heads: usize) -> Vec<usize> {
+    let hd = out_f / heads;
+    let half = hd / 2;
+    let mut order = vec![0; out_f];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                order[h * hd + j * half + i] = h * hd + 2 * i + j;
+            }
+        }
+    }
+    order
+}
+
+/// The ggml tensor types candle can read and dequantize.
+const GGML_TYPES_READ: [u32; 15] = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 30];
+
+/// llama.cpp's name of ggml tensor type `ty`.
+fn ggml_type_name(ty: u32) -> &'static str {
+    const NAMES: [&str; 40] = [
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
+        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4",
+        "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8",
+        "MXFP4",
+    ];
+    NAMES.get(ty as usize).copied().unwrap_or("unknown")
+}
+
+/// Scans a GGUF (v2/v3) header for the first tensor whose type candle cannot read, so the
+/// error can name it (candle's own message names only the type number).
+fn unsupported_gguf_tensor(path: &Path) -> Option<(String, u32)> {
+    use std::io::Read;
+    let mut r = std::io::BufReader::new(std::fs::File::open(path).ok()?);
+    fn u32_(r: &mut impl Read) -> Option<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+    fn u64_(r: &mut impl Read) -> Option<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+    fn skip(r: &mut impl Read, n: u64) -> Option<()> {
+        let copied = std::io::copy(&mut r.take(n), &mut std::io::sink()).ok()?;
+        (copied == n).then_some(())
+    }
+    fn string(r: &mut impl Read) -> Option<String> {
+        let n = u64_(r)?;
+        if n > 1 << 20 {
+            return None;
+        }
+        let mut b = vec![0u8; n as usize];
+        r.read_exact(&mut b).ok()?;
+        String::from_utf8(b).ok()
+    }
+    fn value(r: &mut impl Read, ty: u32, depth: u32) -> Option<()> {
+        let size = match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => return string(r).map(|_| ()),
+            9 if depth == 0 => {
+                let elem = u32_(r)?;
+                let n = u64_(r)?;
+                for _ in 0..n {
+                    value(r, elem, depth + 1)?;
+                }
+                return Some(());
+            }
+            _ => return None,
+        };
+        skip(r, size)
+    }
+    if u32_(&mut r)? != 0x4655_4747 || !matches!(u32_(&mut r)?, 2 | 3) {
+        return None;
+    }
+    let n_tensors = u64_(&mut r)?;
+    let n_kv = u64_(&mut r)?;
+    for _ in 0..n_kv {
+        string(&mut r)?;
+        let ty = u32_(&mut r)?;
+        value(&mut r, ty, 0)?;
+    }
+    for _ in 0..n_tensors {
+        let name = string(&mut r)?;
+        let n_dims = u32_(&mut r)?;
+        skip(&mut r, 8 * n_dims as u64)?;
+        let ty = u32_(&mut r)?;
+        u64_(&mut r)?;
+        if !GGML_TYPES_READ.contains(&ty) {
+            return Some((name, ty));
+        }
+    }
+    None
+}
+
 /// Opens a GGUF file and reads its metadata into a config.
 fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content, ModelConfig)> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = gguf_file::Content::read(&mut f).map_err(|e| {
+        if let Some((tensor, ty)) = unsupported_gguf_tensor(path) {
+            return Error::model(
+                path,
+                format!(
+                    "tensor `{tensor}` has ggml type {} ({}), which has no dequantizer here (supported: f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k..q6_k)",
+                    ty,
+                    ggml_type_name(ty)
+                ),
+            );
+        }
         Error::model(
             path,
             format!("not a readable gguf file: {}", candle_msg(&e)),
@@ -492,17 +689,47 @@ fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content, ModelCon
 /// Loads a GGUF file: config from metadata, weights dequantized to f32 under HF names and
 /// conventions, and the embedded tokenizer.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_gguf_with(path, device, false)
+}
+
+/// As [`load_gguf`]; with `keep`, the projections stored in a quantized block type stay
+/// quantized (rows reordered as bytes where llama.cpp permuted them).
+fn load_gguf_with(path: &Path, device: &Device, keep: bool) -> Result<LoadedModel> {
     let (mut f, content, config) = open_gguf(path)?;
     let gemma = config.is_gemma();
     let permuted = matches!(config.family, crate::Family::Llama | crate::Family::Mistral);
     let mut weights: HashMap<String, Tensor> = HashMap::new();
-    for name in content.tensor_infos.keys() {
+    let mut quantized = QuantWeights::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
         let Some(hf) = hf_name(name, gemma) else {
             continue;
         };
         let qt = content
             .tensor(&mut f, name, &Device::Cpu)
             .map_err(|e| Error::model(path, format!("tensor `{name}`: {}", candle_msg(&e))))?;
+        let block_type = !matches!(
+            qt.dtype(),
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        );
+        if keep && block_type && is_quantizable(&hf) {
+            let heads = if !permuted {
+                None
+            } else if hf.ends_with("self_attn.q_proj.weight") {
+                Some(config.num_attention_heads)
+            } else if hf.ends_with("self_attn.k_proj.weight") {
+                Some(config.num_key_value_heads)
+            } else {
+                None
+            };
+            let order = heads.map(|h| unpermute_qk_rows(qt.shape().dims()[0], h));
+            let q = QuantWeight::from_gguf(&qt, order.as_deref()).map_err(|e| {
+                Error::model(path, format!("tensor `{name}`: {}", candle_msg(&e)))
+            })?;
+            quantized.insert(hf, q);
+            continue;
+        }
         let mut t = qt
             .dequantize(&Device::Cpu)
             .map_err(|e| {
@@ -527,6 +754,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     Ok(LoadedModel {
         config,
         weights,
+        quantized,
         tokenizer,
         source: path.display().to_string(),
         path: path.to_path_buf(),
@@ -540,9 +768,37 @@ pub fn save_hf_dir(
     weights: &Weights,
     tokenizer: &Tokenizer,
 ) -> Result<()> {
+    save_hf_dir_nf4(dir, config, weights, &HashMap::new(), tokenizer)
+}
+
+/// As [`save_hf_dir`], with the weights in `nf4` written in bitsandbytes' 4-bit layout and a
+/// `quantization_config` in config.json, as transformers saves a model loaded in 4 bits.
+pub fn save_hf_dir_nf4(
+    dir: &Path,
+    config: &ModelConfig,
+    weights: &Weights,
+    nf4: &HashMap<String, std::sync::Arc<Nf4Weight>>,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg_path = dir.join("config.json");
-    let text = serde_json::to_string_pretty(&config.to_hf_json()).expect("json");
+    let mut cfg = config.to_hf_json();
+    if !nf4.is_empty() {
+        let double = nf4
+            .values()
+            .any(|w| matches!(w.absmax, crate::quant::nf4::Absmax::Nested { .. }));
+        cfg["quantization_config"] = json!({
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": true,
+            "load_in_8bit": false,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": double,
+            "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": ["lm_head"],
+        });
+    }
+    let text = serde_json::to_string_pretty(&cfg).expect("json");
     ftbench_meter::write_atomic(&cfg_path, text.as_bytes()).map_err(|e| Error::io(&cfg_path, e))?;
     let mut ts: HashMap<String, Tensor> = HashMap::new();
     for (k, t) in weights {
@@ -552,6 +808,10 @@ pub fn save_hf_dir(
                 .to_device(&Device::Cpu)?
                 .contiguous()?,
         );
+    }
+    for (k, w) in nf4 {
+        ts.remove(k);
+        ts.extend(w.to_bnb_tensors(k));
     }
     let tmp = dir.join(".model.safetensors.tmp");
     candle_core::safetensors::save(&ts, &tmp)?;
@@ -563,6 +823,23 @@ pub fn save_hf_dir(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn qk_row_order_matches_the_tensor_unpermute() {
+        let (heads, hd, in_f) = (3, 8, 2);
+        let out_f = heads * hd;
+        let w = Tensor::arange(0f32, (out_f * in_f) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((out_f, in_f))
+            .unwrap();
+        let want = unpermute_qk(&w, heads).unwrap().to_vec2::<f32>().unwrap();
+        let rows = w.to_vec2::<f32>().unwrap();
+        let got: Vec<Vec<f32>> = unpermute_qk_rows(out_f, heads)
+            .into_iter()
+            .map(|r| rows[r].clone())
+            .collect();
+        assert_eq!(got, want);
+    }
+
     use super::*;
 
     #[test]

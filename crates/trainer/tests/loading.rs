@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor, D};
 use ftbench_trainer::config::ModelConfig;
 use ftbench_trainer::loader::{self, LoadedModel};
 use ftbench_trainer::model::{Decoder, TrainMode, Weights};
+use ftbench_trainer::quant::Quantization;
 use serde_json::json;
 
 const FAMILIES: [&str; 3] = ["gemma3", "llama", "qwen2"];
@@ -343,6 +344,62 @@ fn gguf_reproduces_the_hf_model() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `quantization = "keep"`: the GGUF file's Q8_0 projections stay quantized (q/k rows of
+/// Llama reordered as bytes) and the model computes exactly what the dequantized load does.
+#[test]
+fn gguf_kept_quantized_matches_the_dequantized_load() {
+    let root = tiny::temp_dir("gguf-keep");
+    for (fam, arch) in [("gemma3", "gemma3"), ("llama", "llama"), ("qwen2", "qwen2")] {
+        let c = tiny::config(fam);
+        let w = tiny::weights(&c, 5);
+        let gguf = root.join(format!("{fam}.gguf"));
+        tiny::write_gguf(&gguf, arch, &c, &w);
+        let spec = gguf.to_str().unwrap();
+        let dense = load(&gguf);
+        let kept = loader::load_with(spec, &Device::Cpu, Quantization::Keep)
+            .unwrap_or_else(|e| panic!("{fam}: {e}"));
+        let mut names: Vec<&String> = kept.quantized.keys().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "model.layers.0.mlp.gate_proj.weight",
+                "model.layers.0.self_attn.k_proj.weight",
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.1.mlp.down_proj.weight"
+            ],
+            "{fam}: the quantized projections (the embedding stays dense)"
+        );
+        for (name, q) in &kept.quantized {
+            assert_eq!(q.kind(), "q8_0", "{fam}: {name}");
+            let d = max_diff(&q.dequantize(&Device::Cpu).unwrap(), &dense.weights[name]);
+            assert_eq!(d, 0.0, "{fam}: {name} dequantizes to the dense load's values");
+        }
+        assert_eq!(kept.weights.len() + kept.quantized.len(), dense.weights.len());
+        let expected = loaded_logits(dense);
+        let model = Decoder::with_quantized(
+            kept.config.clone(),
+            kept.weights,
+            kept.quantized,
+            TrainMode::Frozen,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let got = model.forward_logits(&ids(c.vocab_size), None).unwrap();
+        assert_same_logits(&format!("{fam} kept quantized"), &expected, &got);
+    }
+    // nothing quantized to keep in an f32 HF folder
+    let dir = root.join("hf");
+    tiny::write_hf_folder(&dir, "llama", 1);
+    let err = loader::load_with(dir.to_str().unwrap(), &Device::Cpu, Quantization::Keep)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("model.quantization") && err.contains("no quantized"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// A tiny Llama 3 with RoPE scaling: head_dim 16 and base 500000 put its wavelengths on both
 /// sides of the Llama 3 band (2048..8192) and one inside it.
 fn scaled_llama(rope_scaling: serde_json::Value) -> ModelConfig {
@@ -449,6 +506,21 @@ fn bad_input_gives_one_clear_error() {
     std::fs::write(&cut, &full[..full.len() - 100]).unwrap();
     let err = load_err(cut.to_str().unwrap());
     assert!(err.contains("cut.gguf"), "{err}");
+
+    // a tensor type candle has no dequantizer for (IQ2_XXS, type 16), patched into the header
+    let name = b"blk.0.ffn_gate.weight";
+    let at = full.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let dtype_at = at + 4 + 2 * 8; // n_dims: u32 = 2, then two u64 dims
+    assert_eq!(full[dtype_at..dtype_at + 4], 8u32.to_le_bytes(), "stored as Q8_0");
+    let mut patched = full.clone();
+    patched[dtype_at..dtype_at + 4].copy_from_slice(&16u32.to_le_bytes());
+    let iq = root.join("iq2.gguf");
+    std::fs::write(&iq, &patched).unwrap();
+    let err = load_err(iq.to_str().unwrap());
+    assert!(
+        err.contains("iq2.gguf") && err.contains("`blk.0.ffn_gate.weight`") && err.contains("IQ2_XXS"),
+        "{err}"
+    );
 
     // an architecture we do not implement
     let bert = root.join("bert");

@@ -186,11 +186,25 @@ pub fn permute_qk(w: &Tensor, heads: usize) -> Tensor {
         .unwrap()
 }
 
+/// The inverse of [`permute_qk`]: HF's row order back from llama.cpp's.
+pub fn unpermute_qk(w: &Tensor, heads: usize) -> Tensor {
+    let (out_f, in_f) = w.dims2().unwrap();
+    let hd = out_f / heads;
+    w.reshape((heads, hd / 2, 2, in_f))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((out_f, in_f))
+        .unwrap()
+}
+
 /// Tensors stored as Q8_0 in the tiny GGUF files (the rest are F32).
 pub fn quantized(hf: &str) -> bool {
     matches!(
         hf,
         "model.embed_tokens.weight"
+            | "model.layers.0.self_attn.q_proj.weight"
+            | "model.layers.0.self_attn.k_proj.weight"
             | "model.layers.0.mlp.gate_proj.weight"
             | "model.layers.1.mlp.down_proj.weight"
     )
@@ -255,7 +269,12 @@ pub fn write_gguf(path: &Path, arch: &str, c: &ModelConfig, w: &Weights) -> Weig
         }
         let q = if quantized(name) {
             let q = QTensor::quantize(&stored, GgmlDType::Q8_0).unwrap();
-            let back = q.dequantize(&Device::Cpu).unwrap();
+            let mut back = q.dequantize(&Device::Cpu).unwrap();
+            if arch == "llama" && name.ends_with("self_attn.q_proj.weight") {
+                back = unpermute_qk(&back, c.num_attention_heads);
+            } else if arch == "llama" && name.ends_with("self_attn.k_proj.weight") {
+                back = unpermute_qk(&back, c.num_key_value_heads);
+            }
             let moved = (&back - t)
                 .unwrap()
                 .abs()
