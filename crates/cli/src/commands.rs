@@ -1,6 +1,8 @@
 //! `eval`, `score`, `generate`, `convert` and `export`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Device;
 use ftbench_trainer::data::{self, DataConfig};
@@ -8,7 +10,10 @@ use ftbench_trainer::eval::gsm8k_exact_match;
 use ftbench_trainer::generate::{generate_greedy, score as score_tokens};
 use ftbench_trainer::loader::{self, LoadedModel};
 use ftbench_trainer::lora::load_peft;
-use ftbench_trainer::model::{Decoder, TrainMode};
+use ftbench_trainer::model::{Decoder, QuantWeights, TrainMode};
+use ftbench_trainer::quant::nf4::Nf4Weight;
+use ftbench_trainer::quant::{is_quantizable, QuantWeight};
+use ftbench_trainer::quant::Quantization;
 use ftbench_trainer::tokenizer::Tokenizer;
 use ftbench_trainer::train;
 use serde_json::json;
@@ -27,6 +32,14 @@ pub struct ModelArgs {
     /// Compute threads; 0 = all cores
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// How the base's projections are held: none (dense f32), nf4 (quantized at load) or
+    /// keep (a GGUF file's quantized tensors or a bitsandbytes NF4 checkpoint as stored)
+    #[arg(long, default_value = "none", value_parser = parse_quantization)]
+    pub quantization: Quantization,
+}
+
+fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    Quantization::parse(s).ok_or_else(|| format!("expected none, nf4 or keep, found `{s}`"))
 }
 
 /// Loads the base model and, when given, the adapter on top.
@@ -36,10 +49,12 @@ fn load_model(args: &ModelArgs) -> CliResult<(Decoder, Tokenizer)> {
     let LoadedModel {
         config,
         weights,
+        quantized,
         tokenizer,
         ..
-    } = loader::load(&args.model, &device).ctx()?;
-    let mut model = Decoder::new(config, weights, TrainMode::Frozen, 0, &device).ctx()?;
+    } = loader::load_with(&args.model, &device, args.quantization).ctx()?;
+    let mut model =
+        Decoder::with_quantized(config, weights, quantized, TrainMode::Frozen, 0, &device).ctx()?;
     if let Some(dir) = &args.adapter {
         let adapter = load_peft(dir, &device).ctx()?;
         model.load_adapter(&adapter, dir).ctx()?;
@@ -278,9 +293,73 @@ pub struct ExportArgs {
     /// Merge the adapter into the base weights (W + scaling·B·A)
     #[arg(long)]
     pub merge: bool,
+    /// Format of the merged projections: f32 (merged onto the dequantized base when it is
+    /// quantized) or nf4 (the merged weights re-quantized, in bitsandbytes' layout)
+    #[arg(long, default_value = "f32")]
+    pub merged_format: String,
+    /// Held-out data on which a quantized merge is compared with the unmerged adapter
+    #[arg(long, default_value = "../shared/datasets/gsm8k/test.jsonl")]
+    pub check_data: PathBuf,
+    /// Examples of --check-data used for the comparison
+    #[arg(long, default_value_t = 8)]
+    pub check_examples: usize,
     /// The HF folder to write
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// How far a merged model is from the adapter on its base, on the check examples.
+struct MergeCheck {
+    loss: f64,
+    loss_delta: f64,
+    logits_max_abs_diff: f32,
+    logits_mean_abs_diff: f64,
+}
+
+impl MergeCheck {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "heldout_loss": self.loss,
+            "heldout_loss_delta": self.loss_delta,
+            "logits_max_abs_diff": self.logits_max_abs_diff,
+            "logits_mean_abs_diff": self.logits_mean_abs_diff,
+        })
+    }
+}
+
+/// Compares each of `merged` with `reference` (the unmerged adapter) on `batches`: held-out
+/// loss and logits, one sequence at a time so that a 262k-vocabulary model's logits fit.
+fn merge_checks(
+    reference: &Decoder,
+    merged: &[&Decoder],
+    batches: &[data::Batch],
+) -> CliResult<(f64, Vec<MergeCheck>)> {
+    let ref_loss = train::heldout_loss(reference, batches).ctx()?;
+    let mut checks = Vec::new();
+    for m in merged {
+        let loss = train::heldout_loss(m, batches).ctx()?;
+        let (mut max, mut sum, mut n) = (0f32, 0f64, 0usize);
+        for b in batches {
+            for row in b.input_ids.chunks(b.seq_len) {
+                let ids = candle_core::Tensor::new(row, &reference.device)
+                    .and_then(|t| t.unsqueeze(0))
+                    .ctx()?;
+                let a = reference.forward_logits(&ids, None).ctx()?;
+                let c = m.forward_logits(&ids, None).ctx()?;
+                let d = (a - c).and_then(|d| d.abs()).ctx()?;
+                max = max.max(d.max_all().and_then(|x| x.to_scalar::<f32>()).ctx()?);
+                sum += d.sum_all().and_then(|x| x.to_scalar::<f32>()).ctx()? as f64;
+                n += d.elem_count();
+            }
+        }
+        checks.push(MergeCheck {
+            loss,
+            loss_delta: loss - ref_loss,
+            logits_max_abs_diff: max,
+            logits_mean_abs_diff: sum / n.max(1) as f64,
+        });
+    }
+    Ok((ref_loss, checks))
 }
 
 pub fn export(a: &ExportArgs) -> CliResult<()> {
@@ -290,14 +369,129 @@ pub fn export(a: &ExportArgs) -> CliResult<()> {
     if !a.merge {
         return Err("--merge: export writes a merged model; pass --merge (the adapter folder itself is already in PEFT's layout)".into());
     }
-    let (mut model, tok) = load_model(&a.model)?;
-    let n = model.merge_adapters().ctx()?;
-    let weights = model.hf_weights(false).ctx()?;
+    if !matches!(a.merged_format.as_str(), "f32" | "nf4") {
+        return Err(format!(
+            "--merged-format {}: expected f32 or nf4",
+            a.merged_format
+        ));
+    }
+    let (model, tok) = load_model(&a.model)?;
+    let base_formats = model.base_linear_formats();
+    let quantized_base = base_formats.keys().any(|k| k != "f32");
+    let base_desc = base_formats
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let n_adapters = model.adapters().len();
+
+    // the merge onto the dequantized base, in f32, and its re-quantization to NF4
+    let dense = model.hf_weights(true).ctx()?;
+    let f32_model = Decoder::new(
+        model.config.clone(),
+        dense.clone(),
+        TrainMode::Frozen,
+        0,
+        &model.device,
+    )
+    .ctx()?;
+    let needs_nf4 = quantized_base || a.merged_format == "nf4";
+    let mut nf4: HashMap<String, Arc<Nf4Weight>> = HashMap::new();
+    let mut nf4_model = None;
+    if needs_nf4 {
+        let mut rest = dense.clone();
+        let mut quant = QuantWeights::new();
+        for (name, t) in &dense {
+            if !is_quantizable(name) {
+                continue;
+            }
+            let (o, i) = t.dims2().ctx()?;
+            let v = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx()?;
+            let q = Arc::new(Nf4Weight::quantize(name, &v, o, i, true).ctx()?);
+            rest.remove(name);
+            quant.insert(name.clone(), QuantWeight::Nf4(q.clone()));
+            nf4.insert(name.clone(), q);
+        }
+        nf4_model = Some(
+            Decoder::with_quantized(
+                model.config.clone(),
+                rest,
+                quant,
+                TrainMode::Frozen,
+                0,
+                &model.device,
+            )
+            .ctx()?,
+        );
+    }
+
+    // how far each merge is from the adapter on its (quantized) base
+    let mut report = json!({
+        "model": a.model.model,
+        "adapter": a.model.adapter,
+        "quantization": a.model.quantization.as_str(),
+        "base_projections": base_formats,
+        "adapters_merged": n_adapters,
+        "merged_format": a.merged_format,
+    });
+    if let Some(nm) = &nf4_model {
+        let cfg = DataConfig {
+            train_path: a.check_data.clone(),
+            max_seq_len: 256,
+            ..Default::default()
+        };
+        let mut examples = data::load_examples(&a.check_data, &cfg, &tok).ctx()?;
+        examples.truncate(a.check_examples);
+        let batches = data::eval_batches(&examples, 4, data::default_pad_id(&tok));
+        let (ref_loss, checks) = merge_checks(&model, &[&f32_model, nm], &batches)?;
+        let tokens: usize = batches.iter().map(|b| b.n_loss_tokens).sum();
+        report["check"] = json!({
+            "data": a.check_data,
+            "examples": examples.len(),
+            "loss_tokens": tokens,
+            "unmerged_heldout_loss": ref_loss,
+            "f32": checks[0].json(),
+            "nf4": checks[1].json(),
+        });
+        eprintln!(
+            "against the unmerged adapter on {} examples of {} (held-out loss {ref_loss:.5}):",
+            examples.len(),
+            a.check_data.display()
+        );
+        for (name, c) in [("f32 merge", &checks[0]), ("nf4 merge", &checks[1])] {
+            eprintln!(
+                "  {name}: held-out loss {:.5} ({:+.2e}), logits max |diff| {:.3e}, mean |diff| {:.3e}",
+                c.loss, c.loss_delta, c.logits_max_abs_diff, c.logits_mean_abs_diff
+            );
+        }
+    }
+
+    // write the chosen merge
+    let report_text = serde_json::to_string_pretty(&report).expect("json");
     write_folder(&a.out, |dir| {
-        loader::save_hf_dir(dir, &model.config, &weights, &tok).ctx()
+        if a.merged_format == "nf4" {
+            let nm = nf4_model.as_ref().expect("built above");
+            let mut rest = nm.hf_weights(false).ctx()?;
+            rest.retain(|k, _| !nf4.contains_key(k));
+            loader::save_hf_dir_nf4(dir, &model.config, &rest, &nf4, &tok).ctx()?;
+        } else {
+            loader::save_hf_dir(dir, &model.config, &dense, &tok).ctx()?;
+        }
+        let p = dir.join("merge_report.json");
+        std::fs::write(&p, &report_text).map_err(|e| format!("{}: {e}", p.display()))
     })?;
+    let onto = if quantized_base {
+        format!("the dequantized base ({base_desc})")
+    } else {
+        "the f32 base".to_string()
+    };
+    let stored = if a.merged_format == "nf4" {
+        "re-quantized to nf4 (bitsandbytes layout)"
+    } else {
+        "stored in f32"
+    };
     println!(
-        "merged {n} adapters into f32 base weights; wrote {}",
+        "merged {n_adapters} adapters onto {onto}, {stored}; wrote {}",
         a.out.display()
     );
     Ok(())

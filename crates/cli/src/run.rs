@@ -235,15 +235,17 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     let LoadedModel {
         config,
         weights,
+        quantized,
         tokenizer,
         source,
         ..
-    } = loader::load(&cfg.model.path, &device).ctx()?;
+    } = loader::load_with(&cfg.model.path, &device, cfg.model.quantization).ctx()?;
     let mode = match cfg.train.mode {
         Mode::Lora => TrainMode::Lora(cfg.lora.clone()),
         Mode::Full => TrainMode::Full,
     };
-    let model = Decoder::new(config.clone(), weights, mode, cfg.seed, &device).ctx()?;
+    let model = Decoder::with_quantized(config.clone(), weights, quantized, mode, cfg.seed, &device)
+        .ctx()?;
     if cfg.data.max_seq_len > config.max_position_embeddings {
         return Err(format!(
             "config key `data.max_seq_len`: {} exceeds the model's context of {} tokens",
@@ -397,6 +399,19 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     record
         .extra
         .insert("mode".into(), serde_json::json!(cfg.train.mode));
+    record.extra.insert(
+        "quantization".into(),
+        serde_json::json!(cfg.model.quantization.as_str()),
+    );
+    record.extra.insert(
+        "base_projections".into(),
+        serde_json::json!(model.base_linear_formats()),
+    );
+    let (base_params, base_bytes) = model.base_linear_footprint();
+    record.extra.insert(
+        "base_projection_bytes".into(),
+        serde_json::json!({"parameters": base_params, "bytes": base_bytes}),
+    );
     record.extra.insert(
         "trainable_parameters".into(),
         serde_json::json!(n_trainable),

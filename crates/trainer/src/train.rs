@@ -51,6 +51,11 @@ pub struct ModelSection {
     /// Compute threads on the CPU; 0 = all cores. Default 0.
     #[serde(default)]
     pub threads: usize,
+    /// How the frozen base's projections are held: "none" (dense f32), "nf4" (quantized
+    /// at load, QLoRA) or "keep" (a GGUF file's quantized tensors or a bitsandbytes NF4
+    /// checkpoint as stored). Default "none".
+    #[serde(default)]
+    pub quantization: crate::quant::Quantization,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
