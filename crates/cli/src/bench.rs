@@ -210,7 +210,11 @@ fn quantize_projections(weights: &mut Weights, format: &str) -> CliResult<QuantW
             ))
         }
     };
-    let mut names: Vec<String> = weights.keys().filter(|k| is_quantizable(k)).cloned().collect();
+    let mut names: Vec<String> = weights
+        .keys()
+        .filter(|k| is_quantizable(k))
+        .cloned()
+        .collect();
     names.sort();
     let mut out = QuantWeights::new();
     for name in names {

@@ -244,8 +244,9 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
         Mode::Lora => TrainMode::Lora(cfg.lora.clone()),
         Mode::Full => TrainMode::Full,
     };
-    let model = Decoder::with_quantized(config.clone(), weights, quantized, mode, cfg.seed, &device)
-        .ctx()?;
+    let model =
+        Decoder::with_quantized(config.clone(), weights, quantized, mode, cfg.seed, &device)
+            .ctx()?;
     if cfg.data.max_seq_len > config.max_position_embeddings {
         return Err(format!(
             "config key `data.max_seq_len`: {} exceeds the model's context of {} tokens",

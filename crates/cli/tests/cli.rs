@@ -786,7 +786,14 @@ fn convert_writes_an_hf_folder_that_scores_like_the_gguf() {
 }
 
 /// Held-out loss of `model` (+ `adapter`) on the first `n` examples of `data` at 256 tokens.
-fn eval_loss(cwd: &Path, model: &Path, adapter: Option<&Path>, quant: &str, data: &Path, n: usize) -> f64 {
+fn eval_loss(
+    cwd: &Path,
+    model: &Path,
+    adapter: Option<&Path>,
+    quant: &str,
+    data: &Path,
+    n: usize,
+) -> f64 {
     let n = n.to_string();
     let mut args = vec![
         "eval",
@@ -901,13 +908,22 @@ fn qlora_nf4_trains_exports_both_merges_and_reloads() {
             ("none", f["heldout_loss"].as_f64().unwrap())
         };
         let l = eval_loss(cwd, &out, None, quant, &s.data, 8);
-        assert!((l - expected).abs() < 1e-4, "{format}: reloaded {l} vs report {expected}");
+        assert!(
+            (l - expected).abs() < 1e-4,
+            "{format}: reloaded {l} vs report {expected}"
+        );
     }
 
     // nothing quantized to keep in an f32 folder: one error line naming the key
     let err = fails(
         cwd,
-        &["train", "--config", cfg_path, "--set", "model.quantization=\"keep\""],
+        &[
+            "train",
+            "--config",
+            cfg_path,
+            "--set",
+            "model.quantization=\"keep\"",
+        ],
     );
     assert!(err.contains("model.quantization"), "{err}");
 }

@@ -74,7 +74,8 @@ fn quantize_nf4(m: &mut LoadedModel) -> Result<()> {
         drop(t);
         let q = Nf4Weight::quantize(&name, &v, out_f, in_f, true)
             .map_err(|e| Error::config("model.quantization", e.to_string()))?;
-        m.quantized.insert(name, QuantWeight::Nf4(std::sync::Arc::new(q)));
+        m.quantized
+            .insert(name, QuantWeight::Nf4(std::sync::Arc::new(q)));
     }
     Ok(())
 }
@@ -258,7 +259,9 @@ fn load_hf_dir_with(dir: &Path, source: &str, device: &Device, keep: bool) -> Re
             if t.dtype() == DType::U8 && k.ends_with(".weight") {
                 return Err(Error::model(
                     f,
-                    format!("tensor `{k}` is u8 without a quant state (expected `{k}{BNB_NF4_STATE}`)"),
+                    format!(
+                        "tensor `{k}` is u8 without a quant state (expected `{k}{BNB_NF4_STATE}`)"
+                    ),
                 ));
             }
             weights.insert(k, t.to_dtype(DType::F32)?.to_device(device)?);
@@ -583,10 +586,45 @@ const GGML_TYPES_READ: [u32; 15] = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 
 /// llama.cpp's name of ggml tensor type `ty`.
 fn ggml_type_name(ty: u32) -> &'static str {
     const NAMES: [&str; 40] = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
-        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
-        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4",
-        "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8",
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2",
+        "Q4_3",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4",
+        "Q4_0_4_8",
+        "Q4_0_8_8",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4",
+        "IQ4_NL_4_8",
+        "IQ4_NL_8_8",
         "MXFP4",
     ];
     NAMES.get(ty as usize).copied().unwrap_or("unknown")
@@ -724,9 +762,8 @@ fn load_gguf_with(path: &Path, device: &Device, keep: bool) -> Result<LoadedMode
                 None
             };
             let order = heads.map(|h| unpermute_qk_rows(qt.shape().dims()[0], h));
-            let q = QuantWeight::from_gguf(&qt, order.as_deref()).map_err(|e| {
-                Error::model(path, format!("tensor `{name}`: {}", candle_msg(&e)))
-            })?;
+            let q = QuantWeight::from_gguf(&qt, order.as_deref())
+                .map_err(|e| Error::model(path, format!("tensor `{name}`: {}", candle_msg(&e))))?;
             quantized.insert(hf, q);
             continue;
         }

@@ -14,8 +14,8 @@ use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::lora::{dropout_mask, LoraAdapter, LoraConfig};
 use crate::ops;
-use crate::quant::QuantWeight;
 pub use crate::ops::masked_cross_entropy;
+use crate::quant::QuantWeight;
 
 /// What a forward pass may change.
 #[derive(Debug, Clone, PartialEq)]
@@ -575,7 +575,13 @@ impl Decoder {
         let mut bytes = 0;
         for lin in self.blocks.iter().flat_map(|b| {
             [
-                &b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj,
+                &b.q_proj,
+                &b.k_proj,
+                &b.v_proj,
+                &b.o_proj,
+                &b.gate_proj,
+                &b.up_proj,
+                &b.down_proj,
             ]
         }) {
             let (o, i) = lin.base.dims();
@@ -819,9 +825,7 @@ impl Decoder {
     /// The LM head weight `[vocab, hidden]`.
     fn head_weight(&self) -> Tensor {
         match &self.lm_head {
-            Some(l) => l
-                .current_weight()
-                .expect("the lm head is never quantized"),
+            Some(l) => l.current_weight().expect("the lm head is never quantized"),
             None => self
                 .embed_var
                 .as_ref()

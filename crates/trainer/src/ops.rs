@@ -17,11 +17,11 @@
 
 use std::sync::Mutex;
 
+use crate::quant::QuantWeight;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, WithDType, D,
 };
-use crate::quant::QuantWeight;
 use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
@@ -408,7 +408,12 @@ struct FrozenLinear {
 }
 
 /// `y = x Wᵀ` on the cpu for a contiguous `x: [.., in]` and `w: [out, in]`.
-fn linear_cpu(s: &CpuStorage, l: &Layout, weight: &Tensor, op: &str) -> CResult<(CpuStorage, Shape)> {
+fn linear_cpu(
+    s: &CpuStorage,
+    l: &Layout,
+    weight: &Tensor,
+    op: &str,
+) -> CResult<(CpuStorage, Shape)> {
     let (out_f, in_f) = weight.dims2()?;
     let dims = l.dims();
     if dims.last() != Some(&in_f) {

@@ -373,9 +373,15 @@ fn gguf_kept_quantized_matches_the_dequantized_load() {
         for (name, q) in &kept.quantized {
             assert_eq!(q.kind(), "q8_0", "{fam}: {name}");
             let d = max_diff(&q.dequantize(&Device::Cpu).unwrap(), &dense.weights[name]);
-            assert_eq!(d, 0.0, "{fam}: {name} dequantizes to the dense load's values");
+            assert_eq!(
+                d, 0.0,
+                "{fam}: {name} dequantizes to the dense load's values"
+            );
         }
-        assert_eq!(kept.weights.len() + kept.quantized.len(), dense.weights.len());
+        assert_eq!(
+            kept.weights.len() + kept.quantized.len(),
+            dense.weights.len()
+        );
         let expected = loaded_logits(dense);
         let model = Decoder::with_quantized(
             kept.config.clone(),
@@ -396,7 +402,94 @@ fn gguf_kept_quantized_matches_the_dequantized_load() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("model.quantization") && err.contains("no quantized"), "{err}");
+    assert!(
+        err.contains("model.quantization") && err.contains("no quantized"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A bitsandbytes-layout checkpoint (the tiny Llama's down projections, whose 64 inputs fit
+/// NF4's blocks, in 4 bits): `keep` holds them quantized, `none` dequantizes them, and a
+/// missing or inconsistent quant state stops the load naming the tensor.
+#[test]
+fn bitsandbytes_nf4_checkpoint_loads_and_bad_quant_state_is_named() {
+    use ftbench_trainer::quant::nf4::Nf4Weight;
+    use std::sync::Arc;
+    let root = tiny::temp_dir("bnb");
+    let c = tiny::config("llama");
+    let w = tiny::weights(&c, 9);
+    let tok = tiny::write_tokenizer(&root.join("tok"));
+    let mut nf4 = HashMap::new();
+    let mut dequantized = w.clone();
+    for (name, t) in &w {
+        if name.ends_with("mlp.down_proj.weight") {
+            let (o, i) = t.dims2().unwrap();
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = Nf4Weight::quantize(name, &v, o, i, true).unwrap();
+            dequantized.insert(
+                name.clone(),
+                Tensor::from_vec(q.dequantize(), (o, i), &Device::Cpu).unwrap(),
+            );
+            nf4.insert(name.clone(), Arc::new(q));
+        }
+    }
+    assert_eq!(nf4.len(), 2);
+    let dir = root.join("bnb");
+    loader::save_hf_dir_nf4(&dir, &c, &w, &nf4, &tok).unwrap();
+    let spec = dir.to_str().unwrap();
+    let expected = logits(&c, dequantized);
+    let kept = loader::load_with(spec, &Device::Cpu, Quantization::Keep).unwrap();
+    assert_eq!(kept.quantized.len(), 2);
+    let model = Decoder::with_quantized(
+        c.clone(),
+        kept.weights,
+        kept.quantized,
+        TrainMode::Frozen,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_same_logits(
+        "bnb kept",
+        &expected,
+        &model.forward_logits(&ids(c.vocab_size), None).unwrap(),
+    );
+    assert_same_logits("bnb dequantized", &expected, &loaded_logits(load(&dir)));
+
+    // the same file with one tensor's quant state removed, then with a wrong shape in it
+    let st = dir.join("model.safetensors");
+    let all = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let key = "model.layers.1.mlp.down_proj.weight.quant_state.bitsandbytes__nf4";
+    for case in ["missing", "shape"] {
+        let mut ts = all.clone();
+        if case == "missing" {
+            ts.remove(key);
+        } else {
+            let bytes: Vec<u8> = ts[key].to_vec1().unwrap();
+            let text = String::from_utf8(bytes)
+                .unwrap()
+                .replace("[32, 64]", "[32, 128]");
+            assert!(text.contains("[32, 128]"), "{text}");
+            let n = text.len();
+            ts.insert(
+                key.into(),
+                Tensor::from_vec(text.into_bytes(), n, &Device::Cpu).unwrap(),
+            );
+        }
+        let bad = root.join(format!("bad-{case}"));
+        std::fs::create_dir_all(&bad).unwrap();
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::copy(dir.join(f), bad.join(f)).unwrap();
+        }
+        candle_core::safetensors::save(&ts, bad.join("model.safetensors")).unwrap();
+        let err = load_err(bad.to_str().unwrap());
+        assert!(
+            err.contains("model.safetensors")
+                && err.contains("model.layers.1.mlp.down_proj.weight"),
+            "{case}: {err}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -511,14 +604,20 @@ fn bad_input_gives_one_clear_error() {
     let name = b"blk.0.ffn_gate.weight";
     let at = full.windows(name.len()).position(|w| w == name).unwrap() + name.len();
     let dtype_at = at + 4 + 2 * 8; // n_dims: u32 = 2, then two u64 dims
-    assert_eq!(full[dtype_at..dtype_at + 4], 8u32.to_le_bytes(), "stored as Q8_0");
+    assert_eq!(
+        full[dtype_at..dtype_at + 4],
+        8u32.to_le_bytes(),
+        "stored as Q8_0"
+    );
     let mut patched = full.clone();
     patched[dtype_at..dtype_at + 4].copy_from_slice(&16u32.to_le_bytes());
     let iq = root.join("iq2.gguf");
     std::fs::write(&iq, &patched).unwrap();
     let err = load_err(iq.to_str().unwrap());
     assert!(
-        err.contains("iq2.gguf") && err.contains("`blk.0.ffn_gate.weight`") && err.contains("IQ2_XXS"),
+        err.contains("iq2.gguf")
+            && err.contains("`blk.0.ffn_gate.weight`")
+            && err.contains("IQ2_XXS"),
         "{err}"
     );
 

@@ -77,10 +77,12 @@ fn quantize(name: &str, w: &Tensor, format: &str) -> QuantWeight {
             let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             QuantWeight::Nf4(Arc::new(Nf4Weight::quantize(name, &v, o, i, true).unwrap()))
         }
-        "q8_0" => QuantWeight::from_gguf(&QTensor::quantize(w, GgmlDType::Q8_0).unwrap(), None)
-            .unwrap(),
-        "q4_0" => QuantWeight::from_gguf(&QTensor::quantize(w, GgmlDType::Q4_0).unwrap(), None)
-            .unwrap(),
+        "q8_0" => {
+            QuantWeight::from_gguf(&QTensor::quantize(w, GgmlDType::Q8_0).unwrap(), None).unwrap()
+        }
+        "q4_0" => {
+            QuantWeight::from_gguf(&QTensor::quantize(w, GgmlDType::Q4_0).unwrap(), None).unwrap()
+        }
         _ => unreachable!(),
     }
 }
@@ -112,7 +114,10 @@ fn quantized_linear_matches_its_dequantized_weight_forward_and_backward() {
         assert_eq!(wd.dims(), &[96, 128]);
         // the dequantized weight is a small perturbation of the original
         let err = max_diff(&wd, &w);
-        assert!(err > 0.0 && err < 0.5, "{format}: dequantization error {err}");
+        assert!(
+            err > 0.0 && err < 0.5,
+            "{format}: dequantization error {err}"
+        );
 
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 128), &dev).unwrap()).unwrap();
         let dy = Tensor::randn(0f32, 1.0, (2, 5, 96), &dev).unwrap();
@@ -121,14 +126,23 @@ fn quantized_linear_matches_its_dequantized_weight_forward_and_backward() {
         let y_ref = x.as_tensor().broadcast_matmul(&wd.t().unwrap()).unwrap();
         assert!(max_diff(&y, &y_ref) < 1e-4, "{format}: forward");
         let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (y_ref * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (y_ref * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let dx = g.get(x.as_tensor()).expect("input gradient");
         let dx_ref = g_ref.get(x.as_tensor()).unwrap();
         assert!(max_diff(dx, dx_ref) < 1e-4, "{format}: input gradient");
         // and the frozen dense op gives the same numbers
         let y_frozen = ops::frozen_linear(x.as_tensor(), &wd).unwrap();
         let y = ops::quant_linear(x.as_tensor(), &q).unwrap();
-        assert_eq!(max_diff(&y, &y_frozen), 0.0, "{format}: same kernel as frozen_linear");
+        assert_eq!(
+            max_diff(&y, &y_frozen),
+            0.0,
+            "{format}: same kernel as frozen_linear"
+        );
     }
 }
 
@@ -141,10 +155,17 @@ fn quantized_decoder_equals_dense_decoder_on_dequantized_weights() {
             let (dense, quant, reference) = quantize_model(&w, format);
             let n_quant = quant.len();
             assert_eq!(n_quant, 7 * c.num_hidden_layers);
-            let qm =
-                Decoder::with_quantized(c.clone(), dense, quant, TrainMode::Frozen, 0, &Device::Cpu)
-                    .unwrap();
-            let dm = Decoder::new(c.clone(), reference, TrainMode::Frozen, 0, &Device::Cpu).unwrap();
+            let qm = Decoder::with_quantized(
+                c.clone(),
+                dense,
+                quant,
+                TrainMode::Frozen,
+                0,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let dm =
+                Decoder::new(c.clone(), reference, TrainMode::Frozen, 0, &Device::Cpu).unwrap();
             assert_eq!(qm.base_linear_formats().get(format), Some(&n_quant));
             let x = ids(&c, 2, 7, 1);
             let a = qm.forward_logits(&x, None).unwrap();
@@ -187,7 +208,13 @@ fn every_adapter_on_a_quantized_base_gets_a_gradient() {
                 let g = grads
                     .get(v.as_tensor())
                     .unwrap_or_else(|| panic!("{fam} {format}: no gradient for {name}"));
-                let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let n = g
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(n > 0.0, "{fam} {format}: zero gradient for {name}");
             }
         }
@@ -203,7 +230,10 @@ fn full_fine_tuning_refuses_a_quantized_base() {
         .err()
         .expect("full mode on a quantized base is an error")
         .to_string();
-    assert!(err.contains("train.mode") && err.contains("quantization"), "{err}");
+    assert!(
+        err.contains("train.mode") && err.contains("quantization"),
+        "{err}"
+    );
 }
 
 #[test]

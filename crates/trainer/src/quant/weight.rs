@@ -46,7 +46,13 @@ impl Quantization {
 /// bitsandbytes does, embeddings, norms and the LM head stay dense).
 pub fn is_quantizable(hf_name: &str) -> bool {
     const PROJ: [&str; 7] = [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     ];
     hf_name.starts_with("model.layers.")
         && hf_name
