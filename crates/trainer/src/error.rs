@@ -38,6 +38,10 @@ pub enum Error {
     #[error("adapter {path}: {msg}")]
     Adapter { path: PathBuf, msg: String },
 
+    /// A device that is unknown, not compiled in, or does not answer.
+    #[error("device `{spec}`: {msg}")]
+    Device { spec: String, msg: String },
+
     /// Training diverged or cannot continue.
     #[error("training: {0}")]
     Training(String),

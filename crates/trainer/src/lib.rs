@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod generate;
@@ -14,6 +15,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use config::{Family, ModelConfig};
+pub use device::DeviceSpec;
 pub use error::{Error, Result};
 pub use lora::LoraConfig;
 pub use model::{Decoder, TrainMode};

@@ -51,6 +51,10 @@ pub struct ModelSection {
     /// Compute threads on the CPU; 0 = all cores. Default 0.
     #[serde(default)]
     pub threads: usize,
+    /// `cpu`, `cuda`, `cuda:N`, `metal` or `auto` (the best one present). Default auto;
+    /// `--device` overrides it.
+    #[serde(default)]
+    pub device: crate::device::DeviceSpec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
