@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod fused_lora;
 pub mod generate;
 pub mod loader;
 pub mod lora;

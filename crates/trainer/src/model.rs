@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
+use crate::fused_lora::{self, LoraKernel};
 use crate::lora::{dropout_mask, LoraAdapter, LoraConfig};
 use crate::ops;
 pub use crate::ops::masked_cross_entropy;
@@ -41,6 +42,11 @@ pub struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        if let (Some(lora), None) = (&self.lora, &self.weight_var) {
+            if lora.kernel == LoraKernel::Fused {
+                return self.forward_fused(x, lora, ctx);
+            }
+        }
         let mut y = match &self.weight_var {
             Some(w) => x.broadcast_matmul(&w.as_tensor().t()?)?,
             None => ops::frozen_linear(x, &self.weight)?,
@@ -56,6 +62,20 @@ impl Linear {
             y = (y + lora.forward(x, mask.as_ref())?)?;
         }
         Ok(y)
+    }
+
+    /// Frozen base with an adapter, as one op ([`crate::fused_lora`]).
+    fn forward_fused(&self, x: &Tensor, lora: &LoraAdapter, ctx: &mut Ctx) -> Result<Tensor> {
+        let mask = match (&mut ctx.dropout_rng, lora.dropout > 0.0) {
+            (Some(rng), true) => Some(dropout_mask(x.dims(), lora.dropout, rng, x.device())?),
+            _ => None,
+        };
+        let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+        let y = fused_lora::lora_linear(x, &self.weight, a, b, lora.scaling, mask.as_ref())?;
+        Ok(match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        })
     }
 
     pub fn in_features(&self) -> usize {
