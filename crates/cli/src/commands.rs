@@ -14,7 +14,7 @@ use ftbench_trainer::train;
 use serde_json::json;
 
 use crate::progress::Progress;
-use crate::run::{one_line_errors::Context, set_threads, CliResult};
+use crate::run::{one_line_errors::Context, open_device, set_threads, CliResult};
 
 #[derive(clap::Args)]
 pub struct ModelArgs {
@@ -27,12 +27,15 @@ pub struct ModelArgs {
     /// Compute threads; 0 = all cores
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// cpu, cuda, cuda:N, metal or auto (the best one present)
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// Loads the base model and, when given, the adapter on top.
 fn load_model(args: &ModelArgs) -> CliResult<(Decoder, Tokenizer)> {
     set_threads(args.threads);
-    let device = Device::Cpu;
+    let device = open_device("--device", &args.device)?;
     let LoadedModel {
         config,
         weights,
