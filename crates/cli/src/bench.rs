@@ -4,22 +4,26 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor, Var};
 use ftbench_trainer::config::ModelConfig;
 use ftbench_trainer::data::Batch;
-use ftbench_trainer::lora::{LoraConfig, TargetModules};
+use ftbench_trainer::device::device_name;
+use ftbench_trainer::fused_lora::{self, uniform};
+use ftbench_trainer::lora::{LoraConfig, LoraKernel, TargetModules};
 use ftbench_trainer::model::{random_weights, Decoder, QuantWeights, TrainMode, Weights};
 use ftbench_trainer::quant::nf4::Nf4Weight;
 use ftbench_trainer::quant::{is_quantizable, QuantWeight};
 use ftbench_trainer::train::{self, Optim, TrainConfig};
 use serde_json::json;
 
-use crate::run::{one_line_errors::Context, set_threads, CliResult};
+use crate::run::{one_line_errors::Context, open_device, set_threads, CliResult};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
     /// Time training steps (forward, backward, AdamW) of a preset shape on random weights
     Train(BenchTrainArgs),
+    /// Time the frozen linear, the naive and the fused LoRA layer, forward and backward
+    LoraKernel(BenchLoraArgs),
 }
 
 #[derive(clap::Args)]
@@ -52,11 +56,48 @@ pub struct BenchTrainArgs {
     /// Override the preset's number of layers (quick runs)
     #[arg(long)]
     pub layers: Option<usize>,
+    /// cpu, cuda, cuda:N, metal or auto (the best one present)
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// The LoRA layer: fused or naive
+    #[arg(long, default_value = "fused")]
+    pub lora_kernel: LoraKernel,
+}
+
+#[derive(clap::Args)]
+pub struct BenchLoraArgs {
+    /// cpu, cuda, cuda:N, metal or auto (the best one present)
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Square layer sizes (in = out), comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "4096,5120,8192")]
+    pub dims: Vec<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Tokens per call, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
+    pub tokens: Vec<usize>,
+    /// f32 or bf16 (bf16: CUDA only)
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Timed repetitions per measurement (the median is reported; one warm-up first)
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Dropout on the adapter input (the same mask for naive and fused)
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    /// Compute threads on the CPU; 0 = all cores
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Also print each row as a JSON line
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(cmd: &BenchCommand) -> CliResult<()> {
     match cmd {
         BenchCommand::Train(a) => bench_train(a),
+        BenchCommand::LoraKernel(a) => bench_lora_kernel(a).map(|_| ()),
     }
 }
 
@@ -86,6 +127,7 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
         dropout: 0.0,
         target_modules: TargetModules::List(targets.clone()),
         use_rslora: false,
+        kernel: a.lora_kernel,
     };
     let (mode, trainable) = match a.mode.as_str() {
         "lora" | "qlora" => (
@@ -98,7 +140,7 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
         "full" => (TrainMode::Full, ftbench_meter::Trainable::Full),
         other => return Err(format!("--mode {other}: expected lora, qlora or full")),
     };
-    let device = Device::Cpu;
+    let device = open_device("--device", &a.device)?;
     let mut weights = random_weights(&config, 0, &device).ctx()?;
     let quantized = if a.mode == "qlora" {
         quantize_projections(&mut weights, &a.quant)?
@@ -151,6 +193,7 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
             &mut rng,
         )
         .ctx()?;
+        device.synchronize().ctx()?;
         let s = t.elapsed().as_secs_f64();
         if step > 0 {
             times.push(s);
@@ -164,6 +207,13 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
     let median = times[times.len() / 2];
     let tps = n as f64 / median;
     let flops = ftbench_meter::training_flops_per_token(&config.shape(), a.seq, &trainable);
+    // MFU against the device's dense f32 peak (the whole step runs in f32)
+    let fp = ftbench_meter::Fingerprint::detect(threads, &device_name(&device));
+    let device_model = match (&fp.gpu_name, device.is_cpu()) {
+        (Some(gpu), false) => gpu.clone(),
+        _ => fp.cpu_model.clone(),
+    };
+    let mfu = ftbench_meter::mfu(flops.total * tps, &device_model, "f32", None);
     let out = json!({
         "bench": "train",
         "preset": a.preset,
@@ -186,8 +236,11 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
         "flops_per_token": flops.total,
         "achieved_gflops_per_s": flops.total * tps / 1e9,
         "peak_rss_bytes": ftbench_meter::peak_rss_bytes(),
-        "device": "cpu",
+        "device": device_name(&device),
+        "device_model": device_model,
         "dtype": "f32",
+        "lora_kernel": (a.mode == "lora").then_some(a.lora_kernel),
+        "mfu": mfu,
     });
     println!("{out}");
     Ok(())
@@ -250,4 +303,256 @@ fn quantize_projections(weights: &mut Weights, format: &str) -> CliResult<QuantW
 /// A candle error's message without the backtrace it may carry.
 fn first_line(e: &candle_core::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+/// One measured shape of `bench lora-kernel`: median seconds per call.
+#[derive(serde::Serialize)]
+struct KernelRow {
+    dim: usize,
+    tokens: usize,
+    rank: usize,
+    /// plain frozen linear, naive LoRA, fused LoRA: forward
+    fwd_s: [f64; 3],
+    /// the same, forward + backward
+    fwd_bwd_s: [f64; 3],
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    v[v.len() / 2]
+}
+
+/// Median seconds of `f` over `reps` runs after one warm-up, the device synchronised.
+fn time_it(
+    device: &Device,
+    reps: usize,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> CliResult<f64> {
+    f().ctx()?;
+    device.synchronize().ctx()?;
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f().ctx()?;
+        device.synchronize().ctx()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(v))
+}
+
+fn bench_lora_kernel(a: &BenchLoraArgs) -> CliResult<Vec<serde_json::Value>> {
+    let threads = set_threads(a.threads);
+    let device = open_device("--device", &a.device)?;
+    let dtype = match a.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => return Err(format!("--dtype {other}: expected f32 or bf16")),
+    };
+    if dtype == DType::BF16 && device.is_cpu() {
+        return Err(
+            "--dtype bf16: the fused layer on the cpu is f32 only (use --device cuda)".into(),
+        );
+    }
+    if a.dims.is_empty() || a.tokens.is_empty() || a.rank == 0 || a.reps == 0 {
+        return Err("--dims, --tokens need at least one value; --rank, --reps at least 1".into());
+    }
+    if !(0.0..1.0).contains(&a.dropout) {
+        return Err(format!("--dropout {}: must be in [0, 1)", a.dropout));
+    }
+    let scaling = 2.0;
+    let mut rows = Vec::new();
+    println!(
+        "lora-kernel on {}, {:?}, rank {}, dropout {}, {} threads, median of {}",
+        device_name(&device),
+        dtype,
+        a.rank,
+        a.dropout,
+        threads,
+        a.reps
+    );
+    println!(
+        "{:>6} {:>6} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8}",
+        "dim",
+        "tokens",
+        "plain ms",
+        "naive ms",
+        "fused ms",
+        "plain ms",
+        "naive ms",
+        "fused ms",
+        "fwd x",
+        "f+b x",
+        "ovh fwd",
+        "ovh f+b"
+    );
+    println!(
+        "{:>14}   {:^29}   {:^29}   {:^15}   {:^17}",
+        "", "forward", "forward + backward", "fused / naive", "fused over plain"
+    );
+    for &dim in &a.dims {
+        for &tokens in &a.tokens {
+            let on = |t: Tensor| -> CliResult<Tensor> {
+                t.to_dtype(dtype).and_then(|t| t.to_device(&device)).ctx()
+            };
+            let seed = (dim * 31 + tokens) as u64;
+            let x = on(uniform(&[tokens, dim], seed).ctx()?)?;
+            let w =
+                on((uniform(&[dim, dim], seed + 1).ctx()? * (1.0 / (dim as f64).sqrt())).ctx()?)?;
+            let av = Var::from_tensor(&on(
+                (uniform(&[a.rank, dim], seed + 2).ctx()? * 0.01).ctx()?
+            )?)
+            .ctx()?;
+            let bv = Var::from_tensor(&on(
+                (uniform(&[dim, a.rank], seed + 3).ctx()? * 0.01).ctx()?
+            )?)
+            .ctx()?;
+            let xv = Var::from_tensor(&x).ctx()?;
+            let dy = on(uniform(&[tokens, dim], seed + 4).ctx()?)?;
+            let mask = if a.dropout > 0.0 {
+                let mut rng = ftbench_trainer::lora::rng(seed);
+                let m = ftbench_trainer::lora::dropout_mask(
+                    &[tokens, dim],
+                    a.dropout,
+                    &mut rng,
+                    &Device::Cpu,
+                )
+                .ctx()?;
+                Some(on(m)?)
+            } else {
+                None
+            };
+            let (xt, at, bt) = (xv.as_tensor(), av.as_tensor(), bv.as_tensor());
+            let plain = || ftbench_trainer::ops::frozen_linear(xt, &w);
+            let naive = || fused_lora::lora_linear_naive(xt, &w, at, bt, scaling, mask.as_ref());
+            let fused = || fused_lora::lora_linear(xt, &w, at, bt, scaling, mask.as_ref());
+            let layers: [&dyn Fn() -> candle_core::Result<Tensor>; 3] = [&plain, &naive, &fused];
+            let mut fwd = [0.0; 3];
+            let mut fwd_bwd = [0.0; 3];
+            for (i, f) in layers.iter().enumerate() {
+                fwd[i] = time_it(&device, a.reps, || f().map(|_| ()))?;
+                fwd_bwd[i] = time_it(&device, a.reps, || {
+                    let y = f()?;
+                    // d(sum(y ⊙ dy))/dy = dy: the backward starts from the given gradient
+                    let g = (y * &dy)?.sum_all()?.backward()?;
+                    std::hint::black_box(g.get(xt).map(|t| t.dims().len()));
+                    Ok(())
+                })?;
+            }
+            let row = KernelRow {
+                dim,
+                tokens,
+                rank: a.rank,
+                fwd_s: fwd,
+                fwd_bwd_s: fwd_bwd,
+            };
+            println!(
+                "{dim:>6} {tokens:>6} | {:>9.2} {:>9.2} {:>9.2} | {:>9.2} {:>9.2} {:>9.2} | {:>7.2} {:>7.2} | {:>7.1}% {:>7.1}%",
+                fwd[0] * 1e3, fwd[1] * 1e3, fwd[2] * 1e3,
+                fwd_bwd[0] * 1e3, fwd_bwd[1] * 1e3, fwd_bwd[2] * 1e3,
+                fwd[1] / fwd[2], fwd_bwd[1] / fwd_bwd[2],
+                (fwd[2] / fwd[0] - 1.0) * 100.0, (fwd_bwd[2] / fwd_bwd[0] - 1.0) * 100.0,
+            );
+            let v = serde_json::json!({
+                "bench": "lora-kernel",
+                "device": device_name(&device),
+                "dtype": a.dtype,
+                "threads": threads,
+                "dropout": a.dropout,
+                "row": row,
+                "fused_speedup_fwd": fwd[1] / fwd[2],
+                "fused_speedup_fwd_bwd": fwd_bwd[1] / fwd_bwd[2],
+                "fused_overhead_fwd": fwd[2] / fwd[0] - 1.0,
+                "fused_overhead_fwd_bwd": fwd_bwd[2] / fwd_bwd[0] - 1.0,
+            });
+            if a.json {
+                println!("{v}");
+            }
+            rows.push(v);
+        }
+    }
+    let mean = |k: &str| {
+        rows.iter()
+            .map(|r| r[k].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+            / rows.len() as f64
+    };
+    println!(
+        "mean fused speed-up over naive: forward {:.2}x, forward + backward {:.2}x; mean LoRA overhead over the plain linear (fused, forward + backward): {:.1}%",
+        mean("fused_speedup_fwd"),
+        mean("fused_speedup_fwd_bwd"),
+        mean("fused_overhead_fwd_bwd") * 100.0
+    );
+    Ok(rows)
+}
+
+/// `ftbench selftest`: the fused and naive LoRA layers against an f64 reference on a device.
+#[derive(clap::Args)]
+pub struct SelftestArgs {
+    /// cpu, cuda, cuda:N, metal or auto (the best one present)
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32, bf16 or f64; repeatable (default f32 and, off the CPU, bf16)
+    #[arg(long = "dtype")]
+    pub dtypes: Vec<String>,
+    /// Write the results as JSON to this file
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+pub fn selftest(a: &SelftestArgs) -> CliResult<()> {
+    let device = open_device("--device", &a.device)?;
+    let dtypes: Vec<String> = if a.dtypes.is_empty() {
+        if device.is_cpu() {
+            vec!["f32".into(), "f64".into()]
+        } else {
+            vec!["f32".into(), "bf16".into()]
+        }
+    } else {
+        a.dtypes.clone()
+    };
+    let mut results = Vec::new();
+    let mut failed = 0;
+    for d in &dtypes {
+        let dt = match d.as_str() {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f64" => DType::F64,
+            other => return Err(format!("--dtype {other}: expected f32, bf16 or f64")),
+        };
+        for (i, &shape) in fused_lora::CHECK_SHAPES.iter().enumerate() {
+            for dropout in [false, true] {
+                let r = fused_lora::check(&device, dt, shape, dropout, 100 + i as u64).ctx()?;
+                println!(
+                    "{} {d:>4} tokens {:>4} in {:>4} out {:>4} r {:>2} dropout {:<5} fused err y/dx/dA/dB {:.1e} {:.1e} {:.1e} {:.1e}  naive {:.1e} {:.1e} {:.1e} {:.1e}",
+                    if r.passed { "ok  " } else { "FAIL" },
+                    r.shape[0], r.shape[1], r.shape[2], r.shape[3], r.dropout,
+                    r.fused_rel_err[0], r.fused_rel_err[1], r.fused_rel_err[2], r.fused_rel_err[3],
+                    r.naive_rel_err[0], r.naive_rel_err[1], r.naive_rel_err[2], r.naive_rel_err[3],
+                );
+                failed += usize::from(!r.passed);
+                results.push(r);
+            }
+        }
+    }
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({
+            "device": device_name(&device),
+            "checks": results,
+            "failed": failed,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&v).expect("json"))
+            .map_err(|e| format!("--json {}: {e}", p.display()))?;
+    }
+    if failed > 0 {
+        return Err(format!(
+            "selftest: {failed} of {} checks failed",
+            results.len()
+        ));
+    }
+    println!(
+        "selftest: {} checks passed on {}",
+        results.len(),
+        device_name(&device)
+    );
+    Ok(())
 }

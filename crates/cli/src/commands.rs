@@ -19,7 +19,7 @@ use ftbench_trainer::train;
 use serde_json::json;
 
 use crate::progress::Progress;
-use crate::run::{one_line_errors::Context, set_threads, CliResult};
+use crate::run::{one_line_errors::Context, open_device, set_threads, CliResult};
 
 #[derive(clap::Args)]
 pub struct ModelArgs {
@@ -36,6 +36,9 @@ pub struct ModelArgs {
     /// keep (a GGUF file's quantized tensors or a bitsandbytes NF4 checkpoint as stored)
     #[arg(long, default_value = "none", value_parser = parse_quantization)]
     pub quantization: Quantization,
+    /// cpu, cuda, cuda:N, metal or auto (the best one present)
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 fn parse_quantization(s: &str) -> Result<Quantization, String> {
@@ -45,7 +48,7 @@ fn parse_quantization(s: &str) -> Result<Quantization, String> {
 /// Loads the base model and, when given, the adapter on top.
 fn load_model(args: &ModelArgs) -> CliResult<(Decoder, Tokenizer)> {
     set_threads(args.threads);
-    let device = Device::Cpu;
+    let device = open_device("--device", &args.device)?;
     let LoadedModel {
         config,
         weights,

@@ -37,6 +37,8 @@ enum Command {
     /// Benchmarks on random weights
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Check the fused and naive LoRA layers against an f64 reference on a device
+    Selftest(bench::SelftestArgs),
     /// Cost of each adaptation strategy by daily call volume, optionally calibrated from runs
     Cost(ftbench_cost::cli::CostArgs),
     /// Markdown report with SVG charts from run folders
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => commands::convert(&a),
         Command::Export(a) => commands::export(&a),
         Command::Bench(b) => bench::run(&b),
+        Command::Selftest(a) => bench::selftest(&a),
         Command::Cost(a) => ftbench_cost::cli::run_cost(&a).map_err(|e| e.to_string()),
         Command::Report(a) => ftbench_cost::cli::run_report(&a)
             .map(|_| ())

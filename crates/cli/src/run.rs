@@ -9,6 +9,7 @@ use std::time::Instant;
 use candle_core::Device;
 use ftbench_meter::{MetricsLine, MetricsWriter, PhaseMeter, RunKind, RunRecord};
 use ftbench_trainer::data::{self, Batcher};
+use ftbench_trainer::device::{device_name, DeviceSpec};
 use ftbench_trainer::eval::{gsm8k_exact_match, Gsm8kReport};
 use ftbench_trainer::loader::{self, LoadedModel};
 use ftbench_trainer::model::{Decoder, TrainMode};
@@ -25,6 +26,25 @@ pub struct TrainArgs {
     /// Override a config key, e.g. --set train.steps=20 (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// cpu, cuda, cuda:N, metal or auto; overrides the config's `model.device`
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+/// Parses and opens a device named by `origin` (`--device` or a config key), as one line:
+/// `--device cuda: this build has no CUDA support; rebuild with `--features cuda``.
+pub fn open_device(origin: &str, spec: &str) -> CliResult<Device> {
+    let spec: DeviceSpec = spec.parse().map_err(|e| device_error(origin, e))?;
+    spec.open().map_err(|e| device_error(origin, e))
+}
+
+fn device_error(origin: &str, e: ftbench_trainer::Error) -> String {
+    match e {
+        ftbench_trainer::Error::Device { spec, msg } => {
+            one_line_errors::one_line(&format!("{origin} {spec}: {msg}"))
+        }
+        other => one_line_errors::one_line(&other.to_string()),
+    }
 }
 
 pub type CliResult<T> = std::result::Result<T, String>;
@@ -200,10 +220,15 @@ pub fn train(args: &TrainArgs) -> CliResult<()> {
     catch_interrupts();
     let cfg = RunConfig::load(&args.config, &args.set).ctx()?;
     let threads = set_threads(cfg.model.threads);
+    // the device first: an absent one fails before any results folder exists
+    let device = match &args.device {
+        Some(d) => open_device("--device", d)?,
+        None => open_device("config key `model.device`:", &cfg.model.device.to_string())?,
+    };
     std::fs::create_dir_all(&cfg.output.dir)
         .map_err(|e| format!("{}: {e}", cfg.output.dir.display()))?;
     let (id, staging, final_dir) = claim_run_dir(&cfg.output.dir, &run_id(&cfg.name))?;
-    match train_into(&cfg, &staging, &id, threads) {
+    match train_into(&cfg, &staging, &id, threads, &device) {
         Ok(()) => {
             std::fs::rename(&staging, &final_dir)
                 .map_err(|e| format!("{}: {e}", final_dir.display()))?;
@@ -217,14 +242,20 @@ pub fn train(args: &TrainArgs) -> CliResult<()> {
     }
 }
 
-fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResult<()> {
-    let device = Device::Cpu;
+fn train_into(
+    cfg: &RunConfig,
+    dir: &Path,
+    id: &str,
+    threads: usize,
+    device: &Device,
+) -> CliResult<()> {
+    let device = device.clone();
     let wall = Instant::now();
     let mut record = RunRecord::new(
         id,
         RunKind::Train,
         &cfg.model.path,
-        "cpu",
+        &device_name(&device),
         "f32",
         threads,
         cfg.seed,
@@ -392,7 +423,10 @@ fn train_into(cfg: &RunConfig, dir: &Path, id: &str, threads: usize) -> CliResul
     record.achieved_flops_per_s = Some(flops.total * train_tps);
     record.mfu = ftbench_meter::mfu(
         flops.total * train_tps,
-        &record.fingerprint.cpu_model,
+        match &record.fingerprint.gpu_name {
+            Some(gpu) if !device.is_cpu() => gpu,
+            _ => &record.fingerprint.cpu_model,
+        },
         "f32",
         None,
     );

@@ -41,6 +41,9 @@ pub enum Error {
     /// A weight that cannot be quantized, or a quantized weight that cannot be read.
     #[error(transparent)]
     Quant(#[from] crate::quant::QuantError),
+    /// A device that is unknown, not compiled in, or does not answer.
+    #[error("device `{spec}`: {msg}")]
+    Device { spec: String, msg: String },
 
     /// Training diverged or cannot continue.
     #[error("training: {0}")]

@@ -3,8 +3,10 @@
 
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
+pub mod fused_lora;
 pub mod generate;
 pub mod loader;
 pub mod lora;
@@ -15,6 +17,7 @@ pub mod tokenizer;
 pub mod train;
 
 pub use config::{Family, ModelConfig};
+pub use device::DeviceSpec;
 pub use error::{Error, Result};
 pub use lora::LoraConfig;
 pub use model::{Decoder, TrainMode};

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::error::{Error, Result};
+pub use crate::fused_lora::LoraKernel;
 
 /// Which linear layers get an adapter, as in PEFT's `target_modules`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +57,9 @@ pub struct LoraConfig {
     /// Rank-stabilised scaling alpha / sqrt(rank). Default false.
     #[serde(default)]
     pub use_rslora: bool,
+    /// The layer's implementation: "fused" (default) or "naive"; see [`crate::fused_lora`].
+    #[serde(default, alias = "lora_kernel")]
+    pub kernel: LoraKernel,
 }
 
 fn default_rank() -> usize {
@@ -76,6 +80,7 @@ impl Default for LoraConfig {
             dropout: default_dropout(),
             target_modules: TargetModules::default(),
             use_rslora: false,
+            kernel: LoraKernel::default(),
         }
     }
 }
@@ -147,6 +152,7 @@ pub struct LoraAdapter {
     pub b: Var,
     pub scaling: f64,
     pub dropout: f64,
+    pub kernel: LoraKernel,
 }
 
 impl LoraAdapter {
@@ -169,6 +175,7 @@ impl LoraAdapter {
             b: Var::from_tensor(&b)?,
             scaling: cfg.scaling(),
             dropout: cfg.dropout,
+            kernel: cfg.kernel,
         })
     }
 
@@ -310,6 +317,7 @@ pub fn load_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             .get("use_rslora")
             .and_then(|d| d.as_bool())
             .unwrap_or(false),
+        kernel: LoraKernel::default(),
     };
     let st_path = dir.join("adapter_model.safetensors");
     let tensors = candle_core::safetensors::load(&st_path, device).map_err(|e| Error::Adapter {

@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 
 use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
+use crate::fused_lora::{self, LoraKernel};
 use crate::lora::{dropout_mask, LoraAdapter, LoraConfig};
 use crate::ops;
 pub use crate::ops::masked_cross_entropy;
@@ -66,6 +67,14 @@ pub struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        // the fused kernel holds its frozen weight until the backward, so a quantized base
+        // (whose f32 copy must not outlive one product) takes the separate-op path
+        if let (Some(lora), None, BaseWeight::Dense(w)) = (&self.lora, &self.weight_var, &self.base)
+        {
+            if lora.kernel == LoraKernel::Fused {
+                return self.forward_fused(x, w, lora, ctx);
+            }
+        }
         let mut y = match &self.weight_var {
             Some(w) => x.broadcast_matmul(&w.as_tensor().t()?)?,
             None => match &self.base {
@@ -86,6 +95,26 @@ impl Linear {
         Ok(y)
     }
 
+    /// Frozen base with an adapter, as one op ([`crate::fused_lora`]).
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        lora: &LoraAdapter,
+        ctx: &mut Ctx,
+    ) -> Result<Tensor> {
+        let mask = match (&mut ctx.dropout_rng, lora.dropout > 0.0) {
+            (Some(rng), true) => Some(dropout_mask(x.dims(), lora.dropout, rng, x.device())?),
+            _ => None,
+        };
+        let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+        let y = fused_lora::lora_linear(x, w, a, b, lora.scaling, mask.as_ref())?;
+        Ok(match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        })
+    }
+
     pub fn in_features(&self) -> usize {
         self.base.dims().1
     }
@@ -95,8 +124,8 @@ impl Linear {
 
     /// The weight with the adapter merged: `W + scaling · B A` (onto the dequantized weight
     /// when the base is quantized).
-    pub fn merged_weight(&self) -> Result<Tensor> {
-        let w = self.current_weight()?;
+    pub fn merged_weight(&self, device: &Device) -> Result<Tensor> {
+        let w = self.current_weight(device)?;
         match &self.lora {
             Some(l) => {
                 let delta = l.delta()?.to_dtype(w.dtype())?;
@@ -107,10 +136,11 @@ impl Linear {
     }
 
     /// The current weight, dense f32 (dequantized when the base is quantized).
-    pub fn current_weight(&self) -> Result<Tensor> {
+    /// `device` is where a quantized base is dequantized to (the model's device).
+    pub fn current_weight(&self, device: &Device) -> Result<Tensor> {
         match &self.weight_var {
             Some(v) => Ok(v.as_tensor().clone()),
-            None => self.base.dense(&Device::Cpu),
+            None => self.base.dense(device),
         }
     }
 }
@@ -617,10 +647,11 @@ impl Decoder {
 
     /// Folds each adapter into its base weight and removes it.
     pub fn merge_adapters(&mut self) -> Result<usize> {
+        let device = self.device.clone();
         let mut n = 0;
         for lin in self.linears_mut() {
             if lin.lora.is_some() {
-                lin.base = BaseWeight::Dense(lin.merged_weight()?);
+                lin.base = BaseWeight::Dense(lin.merged_weight(&device)?);
                 lin.lora = None;
                 n += 1;
             }
@@ -641,9 +672,9 @@ impl Decoder {
         w.insert("model.embed_tokens.weight".into(), embed);
         for lin in self.linears() {
             let t = if merge {
-                lin.merged_weight()?
+                lin.merged_weight(&self.device)?
             } else {
-                lin.current_weight()?
+                lin.current_weight(&self.device)?
             };
             w.insert(format!("{}.weight", lin.name), t);
             if let Some(b) = &lin.bias {
@@ -825,7 +856,9 @@ impl Decoder {
     /// The LM head weight `[vocab, hidden]`.
     fn head_weight(&self) -> Tensor {
         match &self.lm_head {
-            Some(l) => l.current_weight().expect("the lm head is never quantized"),
+            Some(l) => l
+                .current_weight(&self.device)
+                .expect("the lm head is never quantized"),
             None => self
                 .embed_var
                 .as_ref()

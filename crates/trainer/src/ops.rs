@@ -13,7 +13,10 @@
 //!   `[tokens, vocab]` logits never exist in full.
 //!
 //! The forward kernels are written for the CPU (f32 and f64); the backward passes are candle
-//! tensor ops.
+//! tensor ops. On CUDA and Metal the frozen linear runs the backend's own product (still no
+//! weight gradient), and RMSNorm, softmax, the causal softmax, RoPE and the LM-head loss run
+//! as composed candle ops, whose autograd gives the same gradients (tested on the CPU against
+//! these ops); the LM-head loss there materialises the logits.
 
 use std::sync::Mutex;
 
@@ -183,8 +186,17 @@ fn rms_norm_bwd_f32(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> CResult<(T
 
 /// RMS normalisation over the last dimension, `x / sqrt(mean(x²) + eps) * w`, with backward.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    if !x.device().is_cpu() {
+        return rms_norm_composed(x, w, eps);
+    }
     let x = x.contiguous()?;
     x.apply_op2(w, RmsNorm { eps })
+}
+
+/// RMSNorm as differentiable candle ops (non-CPU devices).
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    x.broadcast_div(&r)?.broadcast_mul(w)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -234,7 +246,18 @@ impl CustomOp1 for Softmax {
 
 /// Softmax over the last dimension, with backward.
 pub fn softmax_last_dim(x: &Tensor) -> CResult<Tensor> {
+    if !x.device().is_cpu() {
+        return softmax_composed(x);
+    }
     x.contiguous()?.apply_op1(Softmax)
+}
+
+/// Softmax over the last dimension as differentiable candle ops (non-CPU devices).
+fn softmax_composed(x: &Tensor) -> CResult<Tensor> {
+    let e = x
+        .broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?
+        .exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -318,12 +341,43 @@ pub fn causal_softmax(
     past: usize,
     window: Option<usize>,
 ) -> CResult<Tensor> {
+    if !scores.device().is_cpu() {
+        return causal_softmax_composed(scores, scale, t, past, window);
+    }
     scores.contiguous()?.apply_op1(CausalSoftmax {
         scale,
         t,
         past,
         window,
     })
+}
+
+/// [`causal_softmax`] as differentiable candle ops: an additive mask of `-inf` (non-CPU
+/// devices).
+pub fn causal_softmax_composed(
+    scores: &Tensor,
+    scale: f64,
+    t: usize,
+    past: usize,
+    window: Option<usize>,
+) -> CResult<Tensor> {
+    let dims = scores.dims();
+    let (rows, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if past + t != total || rows % t != 0 {
+        candle_core::bail!("causal_softmax: scores {dims:?} for {past} past and {t} new positions");
+    }
+    let mut mask = vec![0f32; rows * total];
+    for (r, row) in mask.chunks_mut(total).enumerate() {
+        let pos = past + r % t;
+        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        for (j, v) in row.iter_mut().enumerate() {
+            if j > pos || j < first {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (rows, total), scores.device())?.to_dtype(scores.dtype())?;
+    softmax_composed(&(scores * scale)?.broadcast_add(&mask)?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,7 +450,19 @@ impl CustomOp1 for Rope {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     let cos = cos.to_dtype(x.dtype())?;
     let sin = sin.to_dtype(x.dtype())?;
+    if !x.device().is_cpu() {
+        return rope_composed(x, &cos, &sin);
+    }
     x.contiguous()?.apply_op1(Rope { cos, sin })
+}
+
+/// [`rope`] as differentiable candle ops (non-CPU devices).
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    let half = x.dim(3)? / 2;
+    let (x1, x2) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
+    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[a, b], 3)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -405,34 +471,6 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
 struct FrozenLinear {
     /// `[out, in]`
     weight: Tensor,
-}
-
-/// `y = x Wᵀ` on the cpu for a contiguous `x: [.., in]` and `w: [out, in]`.
-fn linear_cpu(
-    s: &CpuStorage,
-    l: &Layout,
-    weight: &Tensor,
-    op: &str,
-) -> CResult<(CpuStorage, Shape)> {
-    let (out_f, in_f) = weight.dims2()?;
-    let dims = l.dims();
-    if dims.last() != Some(&in_f) {
-        candle_core::bail!("{op}: input {dims:?} for weight [{out_f}, {in_f}]");
-    }
-    let m = l.shape().elem_count() / in_f;
-    let Some((offset, _)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: input must be contiguous")
-    };
-    let xl = Layout::contiguous_with_offset((m, in_f), offset);
-    let (ws, wl) = weight.storage_and_layout();
-    let candle_core::Storage::Cpu(ws) = &*ws else {
-        candle_core::bail!("{op}: weight is not on the cpu")
-    };
-    let wt = wl.transpose(0, 1)?; // [in, out] view of [out, in]
-    let y = s.matmul(ws, (1, m, out_f, in_f), &xl, &wt)?;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().unwrap() = out_f;
-    Ok((y, Shape::from(out_dims)))
 }
 
 /// `dx = dy W` for `dy: [.., out]` and `w: [out, in]`.
@@ -450,7 +488,37 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        linear_cpu(s, l, &self.weight, "frozen_linear")
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen_linear: weight is not on the cpu")
+        };
+        frozen_linear_fwd(s, l, ws, wl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cuda(ws) = &*ws else {
+            candle_core::bail!("frozen_linear: weight is not on the cuda device")
+        };
+        frozen_linear_fwd(s, l, ws, wl)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> CResult<(candle_core::MetalStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Metal(ws) = &*ws else {
+            candle_core::bail!("frozen_linear: weight is not on the metal device")
+        };
+        frozen_linear_fwd(s, l, ws, wl)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
@@ -458,14 +526,32 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
+/// `y = x Wᵀ` through the backend's own product, for any backend's storage.
+fn frozen_linear_fwd<S: BackendStorage>(
+    s: &S,
+    l: &Layout,
+    ws: &S,
+    wl: &Layout,
+) -> CResult<(S, Shape)> {
+    let (out_f, in_f) = wl.shape().dims2()?;
+    let dims = l.dims();
+    if dims.last() != Some(&in_f) {
+        candle_core::bail!("frozen_linear: input {dims:?} for weight [{out_f}, {in_f}]");
+    }
+    let m = l.shape().elem_count() / in_f;
+    let Some((offset, _)) = l.contiguous_offsets() else {
+        candle_core::bail!("frozen_linear: input must be contiguous")
+    };
+    let xl = Layout::contiguous_with_offset((m, in_f), offset);
+    let wt = wl.transpose(0, 1)?; // [in, out] view of [out, in]
+    let y = s.matmul(ws, (1, m, out_f, in_f), &xl, &wt)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = out_f;
+    Ok((y, Shape::from(out_dims)))
+}
+
 /// `x Wᵀ` for a frozen `W: [out, in]`; the backward returns only the input gradient.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> CResult<Tensor> {
-    if !x.device().is_cpu() {
-        // Non-CPU devices: same maths through candle's matmul on a detached weight copy is
-        // not possible without a weight gradient, so refuse loudly rather than silently
-        // spending memory.
-        candle_core::bail!("frozen_linear: only the cpu device is supported in this build");
-    }
     x.contiguous()?.apply_op1(FrozenLinear {
         weight: weight.clone(),
     })
@@ -486,7 +572,39 @@ impl CustomOp1 for QuantLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         // this layer's weight in f32, dropped as soon as the product is done
         let w = self.weight.dequantize(&Device::Cpu)?;
-        linear_cpu(s, l, &w, "quant_linear")
+        let (ws, wl) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("quant_linear: weight is not on the cpu")
+        };
+        frozen_linear_fwd(s, l, ws, wl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let w = self.weight.dequantize(&Device::Cuda(s.device().clone()))?;
+        let (ws, wl) = w.storage_and_layout();
+        let candle_core::Storage::Cuda(ws) = &*ws else {
+            candle_core::bail!("quant_linear: weight is not on the cuda device")
+        };
+        frozen_linear_fwd(s, l, ws, wl)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> CResult<(candle_core::MetalStorage, Shape)> {
+        let w = self.weight.dequantize(&Device::Metal(s.device().clone()))?;
+        let (ws, wl) = w.storage_and_layout();
+        let candle_core::Storage::Metal(ws) = &*ws else {
+            candle_core::bail!("quant_linear: weight is not on the metal device")
+        };
+        frozen_linear_fwd(s, l, ws, wl)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
@@ -496,13 +614,10 @@ impl CustomOp1 for QuantLinear {
     }
 }
 
-/// `x Wᵀ` for a frozen quantized `W: [out, in]`: the forward dequantizes the layer, multiplies
-/// and drops the f32 copy; the backward returns only `dx = dy · dequant(W)` (no weight
-/// gradient).
+/// `x Wᵀ` for a frozen quantized `W: [out, in]`: the forward dequantizes the layer (on the
+/// cpu, then copied to the input's device), multiplies and drops the f32 copy; the backward
+/// returns only `dx = dy · dequant(W)` (no weight gradient).
 pub fn quant_linear(x: &Tensor, weight: &QuantWeight) -> CResult<Tensor> {
-    if !x.device().is_cpu() {
-        candle_core::bail!("quant_linear: only the cpu device is supported in this build");
-    }
     x.contiguous()?.apply_op1(QuantLinear {
         weight: weight.clone(),
     })
@@ -786,7 +901,14 @@ pub fn lm_head_loss_chunked(
     chunk: Option<usize>,
 ) -> CResult<Tensor> {
     if !h.device().is_cpu() {
-        candle_core::bail!("lm_head_loss: only the cpu device is supported in this build");
+        // other devices: the full logits through candle ops (autograd gives dh, and dW when
+        // W is a variable)
+        let w = if weight_grad { w.clone() } else { w.detach() };
+        let mut logits = h.matmul(&w.t()?)?;
+        if let Some(cap) = softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        return masked_cross_entropy(&logits, &targets, &mask);
     }
     let op = LmHeadLoss {
         targets,
@@ -1136,6 +1258,45 @@ mod tests {
         let (dx64, dw64) = grads(DType::F64);
         assert!(max_abs_diff(&dx32, &dx64) < 1e-5);
         assert!(max_abs_diff(&dw32, &dw64) < 1e-5);
+    }
+
+    #[test]
+    fn non_cpu_fallbacks_match_the_cpu_ops() {
+        // the composed versions used on CUDA and Metal, checked here against the CPU kernels
+        let x = randn(&[2, 3, 8], 41);
+        let w = randn(&[8], 42);
+        check_against_composed(
+            &[x, w],
+            |t| rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+            |t| rms_norm_composed(&t[0], &t[1], 1e-6).unwrap(),
+            1e-10,
+        );
+        let s = (randn(&[2, 3, 7], 43) * 5.0).unwrap();
+        check_against_composed(
+            &[s],
+            |t| softmax_last_dim(&t[0]).unwrap(),
+            |t| softmax_composed(&t[0]).unwrap(),
+            1e-10,
+        );
+        let (t, past, groups) = (4, 3, 2);
+        let sc = (randn(&[1, 2, groups * t, past + t], 44) * 3.0).unwrap();
+        for window in [None, Some(3)] {
+            check_against_composed(
+                &[sc.clone()],
+                |v| causal_softmax(&v[0], 0.7, t, past, window).unwrap(),
+                |v| causal_softmax_composed(&v[0], 0.7, t, past, window).unwrap(),
+                1e-10,
+            );
+        }
+        let x = randn(&[1, 2, 5, 6], 45);
+        let (cos, sin) = (randn(&[5, 3], 46), randn(&[5, 3], 47));
+        let (c2, s2) = (cos.clone(), sin.clone());
+        check_against_composed(
+            &[x],
+            move |v| rope(&v[0], &cos, &sin).unwrap(),
+            move |v| rope_composed(&v[0], &c2, &s2).unwrap(),
+            1e-10,
+        );
     }
 
     #[test]

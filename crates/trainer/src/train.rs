@@ -56,6 +56,10 @@ pub struct ModelSection {
     /// checkpoint as stored). Default "none".
     #[serde(default)]
     pub quantization: crate::quant::Quantization,
+    /// `cpu`, `cuda`, `cuda:N`, `metal` or `auto` (the best one present). Default auto;
+    /// `--device` overrides it.
+    #[serde(default)]
+    pub device: crate::device::DeviceSpec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -49,6 +49,7 @@ fn all_linear() -> LoraConfig {
         dropout: 0.0,
         target_modules: TargetModules::Pattern("all-linear".into()),
         use_rslora: false,
+        ..Default::default()
     }
 }
 
@@ -235,4 +236,75 @@ fn target_modules_that_match_nothing_are_an_error() {
         err.contains("lora.target_modules") && err.contains("matches no linear layer"),
         "{err}"
     );
+}
+
+#[test]
+fn fused_and_naive_lora_kernels_give_the_same_loss_and_gradients() {
+    use ftbench_trainer::lora::LoraKernel;
+    for fam in FAMILIES {
+        let c = tiny(fam);
+        let (b, t) = (2, 6);
+        let x = ids(&c, b, t, 3);
+        let targets: Vec<u32> = ids(&c, b, t, 4).flatten_all().unwrap().to_vec1().unwrap();
+        let mask = vec![1.0f32; b * t];
+        let mut results = Vec::new();
+        let mut first_b: Vec<Tensor> = Vec::new();
+        for kernel in [LoraKernel::Naive, LoraKernel::Fused] {
+            let lc = LoraConfig {
+                dropout: 0.3,
+                kernel,
+                ..all_linear()
+            };
+            let w = random_weights(&c, 1, &Device::Cpu).unwrap();
+            let model = Decoder::new(c.clone(), w, TrainMode::Lora(lc), 2, &Device::Cpu).unwrap();
+            if first_b.is_empty() {
+                perturb_adapters(&model);
+                first_b = model
+                    .adapters()
+                    .iter()
+                    .map(|(_, a)| a.b.as_tensor().copy().unwrap())
+                    .collect();
+            } else {
+                for ((_, a), bt) in model.adapters().iter().zip(&first_b) {
+                    a.b.set(bt).unwrap();
+                }
+            }
+            // dropout on, from the same seed: both kernels see the same masks
+            let mut rng = ftbench_trainer::lora::rng(7);
+            let loss = model.loss(&x, &targets, &mask, Some(&mut rng)).unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<Tensor> = model
+                .trainable()
+                .iter()
+                .map(|(name, v)| {
+                    grads
+                        .get(v.as_tensor())
+                        .unwrap_or_else(|| panic!("{fam} {kernel:?}: no gradient for {name}"))
+                        .clone()
+                })
+                .collect();
+            results.push((loss.to_scalar::<f32>().unwrap(), g));
+        }
+        let (l_naive, g_naive) = &results[0];
+        let (l_fused, g_fused) = &results[1];
+        assert!(
+            (l_naive - l_fused).abs() < 1e-5,
+            "{fam}: loss {l_naive} vs {l_fused}"
+        );
+        assert_eq!(g_naive.len(), g_fused.len());
+        for (i, (a, b)) in g_naive.iter().zip(g_fused).enumerate() {
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(a, b);
+            assert!(
+                d <= 1e-4 * scale.max(1e-6),
+                "{fam}: gradient {i} differs by {d} (scale {scale})"
+            );
+        }
+    }
 }

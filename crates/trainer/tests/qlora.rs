@@ -54,6 +54,7 @@ fn lora() -> LoraConfig {
         dropout: 0.0,
         target_modules: TargetModules::Pattern("all-linear".into()),
         use_rslora: false,
+        ..Default::default()
     }
 }
 
