@@ -239,7 +239,7 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
         "device": device_name(&device),
         "device_model": device_model,
         "dtype": "f32",
-        "lora_kernel": (a.mode == "lora").then_some(a.lora_kernel),
+        "lora_kernel": (a.mode != "full").then_some(a.lora_kernel),
         "mfu": mfu,
     });
     println!("{out}");

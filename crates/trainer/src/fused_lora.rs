@@ -29,6 +29,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::quant::QuantWeight;
+
 type CResult<T> = candle_core::Result<T>;
 
 /// Which implementation of the LoRA layer runs (`[lora] kernel`).
@@ -86,7 +88,32 @@ pub fn lora_linear(
     scaling: f64,
     mask: Option<&Tensor>,
 ) -> CResult<Tensor> {
-    let (out_f, in_f) = w.dims2()?;
+    w.dims2()?;
+    fused(x, FrozenWeight::Dense(w.contiguous()?), a, b, scaling, mask)
+}
+
+/// [`lora_linear`] on a frozen quantized base: the weight is dequantized for the forward's
+/// product and again for the backward's, and never kept in f32 between them.
+pub fn lora_linear_quantized(
+    x: &Tensor,
+    w: &QuantWeight,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+    mask: Option<&Tensor>,
+) -> CResult<Tensor> {
+    fused(x, FrozenWeight::Quant(w.clone()), a, b, scaling, mask)
+}
+
+fn fused(
+    x: &Tensor,
+    w: FrozenWeight,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+    mask: Option<&Tensor>,
+) -> CResult<Tensor> {
+    let (out_f, in_f) = w.dims();
     let (r, in_a) = a.dims2()?;
     let (out_b, r_b) = b.dims2()?;
     if x.dims().last() != Some(&in_f) || in_a != in_f || out_b != out_f || r_b != r {
@@ -101,7 +128,7 @@ pub fn lora_linear(
         }
     }
     let op = FusedLora {
-        w: w.contiguous()?,
+        w,
         mask: mask.map(|m| m.contiguous()).transpose()?,
         scaling,
         s: Mutex::new(None),
@@ -110,9 +137,33 @@ pub fn lora_linear(
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
+/// The frozen `[out, in]` weight of a fused layer: dense, or quantized and dequantized on use.
+enum FrozenWeight {
+    Dense(Tensor),
+    Quant(QuantWeight),
+}
+
+impl FrozenWeight {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(w) => (w.dims()[0], w.dims()[1]),
+            Self::Quant(q) => q.dims(),
+        }
+    }
+
+    /// The dense weight on `device` in `dtype` (a quantized weight's f32 copy lives only as
+    /// long as the returned tensor).
+    fn get(&self, device: &candle_core::Device, dtype: DType) -> CResult<Tensor> {
+        match self {
+            Self::Dense(w) => Ok(w.clone()),
+            Self::Quant(q) => q.dequantize(device)?.to_dtype(dtype),
+        }
+    }
+}
+
 struct FusedLora {
     /// `[out, in]`, frozen
-    w: Tensor,
+    w: FrozenWeight,
     /// dropout keep-mask, shape of x
     mask: Option<Tensor>,
     scaling: f64,
@@ -247,7 +298,8 @@ impl FusedLora {
         );
         // y = x Wᵀ, then y += scaling · s Bᵀ in the same buffer
         let mut y = vec![T::zero(); n * out_f];
-        with_cpu_slice::<T, _>(&self.w, |w| {
+        let w = self.w.get(&candle_core::Device::Cpu, T::DTYPE)?;
+        with_cpu_slice::<T, _>(&w, |w| {
             gemm_cpu(
                 (n, out_f, in_f),
                 &mut y,
@@ -331,7 +383,8 @@ impl FusedLora {
         );
         // dx = dy W, then + mask ⊙ (ds A)
         let mut dx = vec![T::zero(); n * in_f];
-        with_cpu_slice::<T, _>(&self.w, |w| {
+        let w = self.w.get(&candle_core::Device::Cpu, T::DTYPE)?;
+        with_cpu_slice::<T, _>(&w, |w| {
             gemm_cpu(
                 (n, in_f, out_f),
                 &mut dx,
@@ -380,7 +433,7 @@ impl FusedLora {
     }
 
     fn dims(&self, xl: &Layout, al: &Layout) -> CResult<Dims> {
-        let (out_f, in_f) = self.w.dims2()?;
+        let (out_f, in_f) = self.w.dims();
         let r = al.dims()[0];
         Ok(Dims {
             n: xl.shape().elem_count() / in_f.max(1),
@@ -391,7 +444,12 @@ impl FusedLora {
     }
 
     fn check_dtypes(&self, x: DType, a: DType, b: DType) -> CResult<()> {
-        let (w, m) = (self.w.dtype(), self.mask.as_ref().map(|m| m.dtype()));
+        let w = match &self.w {
+            FrozenWeight::Dense(w) => w.dtype(),
+            // dequantized to the input's dtype on use
+            FrozenWeight::Quant(_) => x,
+        };
+        let m = self.mask.as_ref().map(|m| m.dtype());
         if a != x || b != x || w != x || m.is_some_and(|m| m != x) {
             candle_core::bail!(
                 "lora_linear: dtypes differ: x {x:?}, A {a:?}, B {b:?}, W {w:?}, mask {m:?}"
@@ -481,7 +539,10 @@ impl CustomOp3 for FusedLora {
     ) -> CResult<(candle_core::MetalStorage, Shape)> {
         self.check_dtypes(xs.dtype(), as_.dtype(), bs.dtype())?;
         let d = self.dims(xl, al)?;
-        let (ws, wl) = self.w.storage_and_layout();
+        let w = self
+            .w
+            .get(&candle_core::Device::Metal(xs.device().clone()), xs.dtype())?;
+        let (ws, wl) = w.storage_and_layout();
         let Storage::Metal(ws) = &*ws else {
             candle_core::bail!("lora_linear: W is not on the metal device")
         };
@@ -507,7 +568,7 @@ impl CustomOp3 for FusedLora {
         _y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out_f, in_f) = self.w.dims2()?;
+        let (out_f, in_f) = self.w.dims();
         let r = a.dim(0)?;
         let n = x.elem_count() / in_f.max(1);
         let d = Dims { n, in_f, r, out_f };
@@ -541,7 +602,8 @@ impl CustomOp3 for FusedLora {
             None => x2,
         };
         let da = ds.t()?.matmul(&xm)?;
-        let dx = input_grad(&dy2, &self.w, &ds, a, self.mask.as_ref())?;
+        let w = self.w.get(x.device(), x.dtype())?;
+        let dx = input_grad(&dy2, &w, &ds, a, self.mask.as_ref())?;
         Ok((Some(dx.reshape(x.shape())?), Some(da), Some(db)))
     }
 }
@@ -909,7 +971,9 @@ mod cuda {
         let Dims { n, in_f, r, out_f } = d;
         let x_off = contiguous_offset(xl, "x")?;
         let x2 = Layout::contiguous_with_offset((n, in_f), x_off);
-        let (ws, wl) = op.w.storage_and_layout();
+        let w =
+            op.w.get(&candle_core::Device::Cuda(xs.device().clone()), xs.dtype())?;
+        let (ws, wl) = w.storage_and_layout();
         let Storage::Cuda(ws) = &*ws else {
             candle_core::bail!("lora_linear: W is not on the cuda device")
         };

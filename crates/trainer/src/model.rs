@@ -67,12 +67,9 @@ pub struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        // the fused kernel holds its frozen weight until the backward, so a quantized base
-        // (whose f32 copy must not outlive one product) takes the separate-op path
-        if let (Some(lora), None, BaseWeight::Dense(w)) = (&self.lora, &self.weight_var, &self.base)
-        {
+        if let (Some(lora), None) = (&self.lora, &self.weight_var) {
             if lora.kernel == LoraKernel::Fused {
-                return self.forward_fused(x, w, lora, ctx);
+                return self.forward_fused(x, lora, ctx);
             }
         }
         let mut y = match &self.weight_var {
@@ -96,19 +93,20 @@ impl Linear {
     }
 
     /// Frozen base with an adapter, as one op ([`crate::fused_lora`]).
-    fn forward_fused(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        lora: &LoraAdapter,
-        ctx: &mut Ctx,
-    ) -> Result<Tensor> {
+    fn forward_fused(&self, x: &Tensor, lora: &LoraAdapter, ctx: &mut Ctx) -> Result<Tensor> {
         let mask = match (&mut ctx.dropout_rng, lora.dropout > 0.0) {
             (Some(rng), true) => Some(dropout_mask(x.dims(), lora.dropout, rng, x.device())?),
             _ => None,
         };
         let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
-        let y = fused_lora::lora_linear(x, w, a, b, lora.scaling, mask.as_ref())?;
+        let y = match &self.base {
+            BaseWeight::Dense(w) => {
+                fused_lora::lora_linear(x, w, a, b, lora.scaling, mask.as_ref())?
+            }
+            BaseWeight::Quant(q) => {
+                fused_lora::lora_linear_quantized(x, q, a, b, lora.scaling, mask.as_ref())?
+            }
+        };
         Ok(match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
