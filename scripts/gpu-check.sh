@@ -6,7 +6,8 @@
 #      forward and backward, with and without dropout;
 #   2. bench lora-kernel: plain frozen linear, naive and fused LoRA at dims 4096, 5120, 8192,
 #      rank 16, tokens 2048, 4096, 8192, bf16 and f32;
-#   3. bench train: a Llama-3.2-1B-shaped model (random weights), LoRA, fused and naive.
+#   3. bench train: a Llama-3.2-1B-shaped model (random weights), LoRA, fused and naive,
+#      and QLoRA on an NF4 base (fused).
 #
 # usage: scripts/gpu-check.sh [FTBENCH_BINARY]   (default target/cuda/release/ftbench)
 #   The CUDA 13 libraries (libcuda from the driver; libcublas, libcublasLt, libcurand,
@@ -48,6 +49,8 @@ for k in fused naive; do
   step "train-$k" 120 "$bin" bench train --device cuda --preset llama-3.2-1b --mode lora \
     --batch 4 --seq 512 --steps 5 --lora-kernel "$k"
 done
+step train-qlora-nf4 150 "$bin" bench train --device cuda --preset llama-3.2-1b --mode qlora \
+  --quant nf4 --batch 4 --seq 512 --steps 5
 
 python3 - "$work" "$result" "$bin" "$gpu" "$driver" <<'PY'
 import json, os, subprocess, sys
@@ -62,7 +65,8 @@ def json_lines(name):
             out.append(json.loads(line))
     return out
 steps = {}
-for name in ["selftest", "lora-kernel-bf16", "lora-kernel-f32", "train-fused", "train-naive"]:
+for name in ["selftest", "lora-kernel-bf16", "lora-kernel-f32", "train-fused", "train-naive",
+             "train-qlora-nf4"]:
     rc = read(name, "rc").strip()
     steps[name] = {
         "exit_status": int(rc) if rc else None,
@@ -71,7 +75,7 @@ for name in ["selftest", "lora-kernel-bf16", "lora-kernel-f32", "train-fused", "
 steps["selftest"]["checks"] = json.loads(read("selftest", "json") or "null")
 for dt in ["bf16", "f32"]:
     steps[f"lora-kernel-{dt}"]["rows"] = json_lines(f"lora-kernel-{dt}")
-for k in ["fused", "naive"]:
+for k in ["fused", "naive", "qlora-nf4"]:
     steps[f"train-{k}"]["result"] = (json_lines(f"train-{k}") or [None])[-1]
 version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
 record = {
