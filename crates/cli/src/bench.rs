@@ -140,6 +140,12 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
         "full" => (TrainMode::Full, ftbench_meter::Trainable::Full),
         other => return Err(format!("--mode {other}: expected lora, qlora or full")),
     };
+    if a.mode != "qlora" && a.quant != "nf4" {
+        return Err(format!(
+            "--quant {}: only with --mode qlora (found --mode {})",
+            a.quant, a.mode
+        ));
+    }
     let device = open_device("--device", &a.device)?;
     let mut weights = random_weights(&config, 0, &device).ctx()?;
     let quantized = if a.mode == "qlora" {
@@ -519,6 +525,12 @@ pub fn selftest(a: &SelftestArgs) -> CliResult<()> {
             "f64" => DType::F64,
             other => return Err(format!("--dtype {other}: expected f32, bf16 or f64")),
         };
+        if dt == DType::BF16 && device.is_cpu() {
+            return Err(
+                "--dtype bf16: the fused layer on the cpu is f32 and f64 only (bf16 needs --device cuda)"
+                    .into(),
+            );
+        }
         for (i, &shape) in fused_lora::CHECK_SHAPES.iter().enumerate() {
             for dropout in [false, true] {
                 let r = fused_lora::check(&device, dt, shape, dropout, 100 + i as u64).ctx()?;

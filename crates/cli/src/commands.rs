@@ -59,10 +59,26 @@ fn load_model(args: &ModelArgs) -> CliResult<(Decoder, Tokenizer)> {
     let mut model =
         Decoder::with_quantized(config, weights, quantized, TrainMode::Frozen, 0, &device).ctx()?;
     if let Some(dir) = &args.adapter {
+        if let Some(trained) = trained_quantization(dir) {
+            if trained != args.quantization.as_str() {
+                eprintln!(
+                    "warning: {} was trained on a base held as `{trained}`; loading the base with --quantization {} (pass --quantization {trained} to use it as trained)",
+                    dir.display(),
+                    args.quantization.as_str()
+                );
+            }
+        }
         let adapter = load_peft(dir, &device).ctx()?;
         model.load_adapter(&adapter, dir).ctx()?;
     }
     Ok((model, tokenizer))
+}
+
+/// The base quantization an adapter folder written by `train` records, if any.
+fn trained_quantization(adapter: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(adapter.join(crate::run::ADAPTER_BASE_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["quantization"].as_str().map(str::to_string)
 }
 
 /// A text of `n` tokens must fit the model's context.
@@ -372,6 +388,9 @@ pub fn export(a: &ExportArgs) -> CliResult<()> {
     if !a.merge {
         return Err("--merge: export writes a merged model; pass --merge (the adapter folder itself is already in PEFT's layout)".into());
     }
+    if a.check_examples == 0 {
+        return Err("--check-examples: must be at least 1".into());
+    }
     if !matches!(a.merged_format.as_str(), "f32" | "nf4") {
         return Err(format!(
             "--merged-format {}: expected f32 or nf4",
@@ -434,6 +453,7 @@ pub fn export(a: &ExportArgs) -> CliResult<()> {
         "adapter": a.model.adapter,
         "quantization": a.model.quantization.as_str(),
         "base_projections": base_formats,
+        "adapter_trained_on": a.model.adapter.as_deref().and_then(trained_quantization),
         "adapters_merged": n_adapters,
         "merged_format": a.merged_format,
     });
@@ -448,23 +468,47 @@ pub fn export(a: &ExportArgs) -> CliResult<()> {
         let batches = data::eval_batches(&examples, 4, data::default_pad_id(&tok));
         let (ref_loss, checks) = merge_checks(&model, &[&f32_model, nm], &batches)?;
         let tokens: usize = batches.iter().map(|b| b.n_loss_tokens).sum();
+        // the base without the adapter, to say how much of the adapter's gain each merge keeps
+        let base = Decoder::new(
+            model.config.clone(),
+            model.hf_weights(false).ctx()?,
+            TrainMode::Frozen,
+            0,
+            &model.device,
+        )
+        .ctx()?;
+        let base_loss = train::heldout_loss(&base, &batches).ctx()?;
+        drop(base);
+        let gain = base_loss - ref_loss;
+        let kept = |c: &MergeCheck| (gain.abs() > 1e-9).then(|| (base_loss - c.loss) / gain);
         report["check"] = json!({
             "data": a.check_data,
             "examples": examples.len(),
             "loss_tokens": tokens,
             "unmerged_heldout_loss": ref_loss,
+            "base_heldout_loss": base_loss,
             "f32": checks[0].json(),
             "nf4": checks[1].json(),
         });
+        report["check"]["f32"]["adapter_gain_kept"] = json!(kept(&checks[0]));
+        report["check"]["nf4"]["adapter_gain_kept"] = json!(kept(&checks[1]));
         eprintln!(
-            "against the unmerged adapter on {} examples of {} (held-out loss {ref_loss:.5}):",
+            "against the unmerged adapter on {} examples of {} (held-out loss {ref_loss:.5}; the base alone {base_loss:.5}):",
             examples.len(),
             a.check_data.display()
         );
         for (name, c) in [("f32 merge", &checks[0]), ("nf4 merge", &checks[1])] {
+            let k = kept(c).map_or(String::new(), |k| {
+                format!(", keeps {:.0}% of the adapter's gain", 100.0 * k)
+            });
             eprintln!(
-                "  {name}: held-out loss {:.5} ({:+.2e}), logits max |diff| {:.3e}, mean |diff| {:.3e}",
+                "  {name}: held-out loss {:.5} ({:+.2e}), logits max |diff| {:.3e}, mean |diff| {:.3e}{k}",
                 c.loss, c.loss_delta, c.logits_max_abs_diff, c.logits_mean_abs_diff
+            );
+        }
+        if a.merged_format == "nf4" && kept(&checks[1]).is_some_and(|k| k < 0.5) {
+            eprintln!(
+                "warning: re-quantizing to nf4 keeps less than half of the adapter's gain on the check data (the update is small against nf4's step); --merged-format f32 keeps it, or serve the adapter unmerged on the quantized base"
             );
         }
     }

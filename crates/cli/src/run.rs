@@ -242,6 +242,9 @@ pub fn train(args: &TrainArgs) -> CliResult<()> {
     }
 }
 
+/// Written beside a trained adapter: the base it was trained against (model, quantization).
+pub const ADAPTER_BASE_FILE: &str = "ftbench_base.json";
+
 fn train_into(
     cfg: &RunConfig,
     dir: &Path,
@@ -390,8 +393,23 @@ fn train_into(
     // write: adapter, resolved config, run record
     match model.mode() {
         TrainMode::Lora(lc) => {
-            ftbench_trainer::lora::save_peft(&dir.join("adapter"), lc, &model.adapters(), &source)
-                .ctx()?
+            {
+                let adapter = dir.join("adapter");
+                ftbench_trainer::lora::save_peft(&adapter, lc, &model.adapters(), &source).ctx()?;
+                // what the adapter was trained against, so that eval and export can say when the
+                // base is loaded otherwise (PEFT's adapter_config.json has no field for it)
+                let base = serde_json::json!({
+                    "model": source,
+                    "quantization": cfg.model.quantization.as_str(),
+                    "base_projections": model.base_linear_formats(),
+                });
+                let p = adapter.join(ADAPTER_BASE_FILE);
+                ftbench_meter::write_atomic(
+                    &p,
+                    serde_json::to_string_pretty(&base).unwrap().as_bytes(),
+                )
+                .map_err(|e| format!("{}: {e}", p.display()))?
+            }
         }
         // full fine-tuning: the trained weights, as an HF folder
         _ => loader::save_hf_dir(
@@ -434,6 +452,11 @@ fn train_into(
     record
         .extra
         .insert("mode".into(), serde_json::json!(cfg.train.mode));
+    if let TrainMode::Lora(lc) = model.mode() {
+        record
+            .extra
+            .insert("lora_kernel".into(), serde_json::json!(lc.kernel));
+    }
     record.extra.insert(
         "quantization".into(),
         serde_json::json!(cfg.model.quantization.as_str()),

@@ -859,6 +859,9 @@ fn qlora_nf4_trains_exports_both_merges_and_reloads() {
     );
     assert!(after < before, "held-out loss {before} -> {after}");
     let adapter = run.join("adapter");
+    assert_eq!(record["extra"]["lora_kernel"], "fused");
+    let trained_on = read_json(&adapter.join("ftbench_base.json"));
+    assert_eq!(trained_on["quantization"], "nf4");
     // the run's data has 10 examples with a held-out split; eval over the whole file instead
     let l_nf4 = eval_loss(cwd, &model, Some(&adapter), "nf4", &s.data, 8);
     let l_f32 = eval_loss(cwd, &model, Some(&adapter), "none", &s.data, 8);
@@ -893,6 +896,17 @@ fn qlora_nf4_trains_exports_both_merges_and_reloads() {
         // the merged weights moves them
         let f = &check["f32"];
         let q = &check["nf4"];
+        assert_eq!(report["adapter_trained_on"], "nf4");
+        assert!(
+            check["base_heldout_loss"].as_f64().unwrap() > l_nf4,
+            "{check}"
+        );
+        let kept = f["adapter_gain_kept"].as_f64().unwrap();
+        assert!(
+            (kept - 1.0).abs() < 1e-3,
+            "the f32 merge keeps the adapter's gain: {kept}"
+        );
+        assert!(q["adapter_gain_kept"].as_f64().is_some(), "{q}");
         assert!(f["logits_max_abs_diff"].as_f64().unwrap() < 1e-4, "{f}");
         assert!(
             q["logits_max_abs_diff"].as_f64().unwrap() > f["logits_max_abs_diff"].as_f64().unwrap(),

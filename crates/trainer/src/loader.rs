@@ -238,6 +238,20 @@ fn load_hf_dir_with(dir: &Path, source: &str, device: &Device, keep: bool) -> Re
             .into_iter()
             .filter_map(|(k, t)| text_model_name(k).map(|k| (k, t)))
             .collect();
+        // another bitsandbytes 4-bit type (fp4) is named, not taken for a missing state
+        if let Some(k) = ts
+            .keys()
+            .filter(|k| k.contains(".quant_state.bitsandbytes__") && !k.ends_with(BNB_NF4_STATE))
+            .min()
+        {
+            let (w, ty) = k
+                .split_once(".quant_state.bitsandbytes__")
+                .expect("filtered");
+            return Err(Error::model(
+                f,
+                format!("tensor `{w}` is bitsandbytes {ty}: quant_type expected \"nf4\", found \"{ty}\""),
+            ));
+        }
         // bitsandbytes 4-bit weights: `<w>` packed codes plus `<w>.absmax`, `<w>.quant_map`, ...
         let mut bnb: Vec<String> = ts
             .keys()

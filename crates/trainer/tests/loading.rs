@@ -461,10 +461,13 @@ fn bitsandbytes_nf4_checkpoint_loads_and_bad_quant_state_is_named() {
     let st = dir.join("model.safetensors");
     let all = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
     let key = "model.layers.1.mlp.down_proj.weight.quant_state.bitsandbytes__nf4";
-    for case in ["missing", "shape"] {
+    for case in ["missing", "fp4", "shape"] {
         let mut ts = all.clone();
         if case == "missing" {
             ts.remove(key);
+        } else if case == "fp4" {
+            let t = ts.remove(key).unwrap();
+            ts.insert(key.replace("__nf4", "__fp4"), t);
         } else {
             let bytes: Vec<u8> = ts[key].to_vec1().unwrap();
             let text = String::from_utf8(bytes)
@@ -489,6 +492,12 @@ fn bitsandbytes_nf4_checkpoint_loads_and_bad_quant_state_is_named() {
                 && err.contains("model.layers.1.mlp.down_proj.weight"),
             "{case}: {err}"
         );
+        if case == "fp4" {
+            assert!(
+                err.contains("fp4") && !err.contains("without a quant state"),
+                "{err}"
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&root);
 }
