@@ -601,17 +601,8 @@ impl Decoder {
     pub fn base_linear_footprint(&self) -> (usize, usize) {
         let mut params = 0;
         let mut bytes = 0;
-        for lin in self.blocks.iter().flat_map(|b| {
-            [
-                &b.q_proj,
-                &b.k_proj,
-                &b.v_proj,
-                &b.o_proj,
-                &b.gate_proj,
-                &b.up_proj,
-                &b.down_proj,
-            ]
-        }) {
+        let n_block_linears = 7 * self.blocks.len();
+        for lin in self.linears().into_iter().take(n_block_linears) {
             let (o, i) = lin.base.dims();
             params += o * i;
             bytes += match &lin.base {

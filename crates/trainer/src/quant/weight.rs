@@ -45,20 +45,11 @@ impl Quantization {
 /// The HF weight names that may be held quantized: the seven projections of each layer (as
 /// bitsandbytes does, embeddings, norms and the LM head stay dense).
 pub fn is_quantizable(hf_name: &str) -> bool {
-    const PROJ: [&str; 7] = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
     hf_name.starts_with("model.layers.")
         && hf_name
             .strip_suffix(".weight")
             .and_then(|m| m.rsplit('.').next())
-            .is_some_and(|last| PROJ.contains(&last))
+            .is_some_and(|last| ftbench_meter::flops::LINEAR_MODULES.contains(&last))
 }
 
 /// A quantized `[out, in]` weight.
