@@ -488,11 +488,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (ws, wl) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(ws) = &*ws else {
-            candle_core::bail!("frozen_linear: weight is not on the cpu")
-        };
-        frozen_linear_fwd(s, l, ws, wl)
+        linear_with(s, l, &self.weight, "frozen_linear")
     }
 
     #[cfg(feature = "cuda")]
@@ -501,11 +497,7 @@ impl CustomOp1 for FrozenLinear {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let (ws, wl) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cuda(ws) = &*ws else {
-            candle_core::bail!("frozen_linear: weight is not on the cuda device")
-        };
-        frozen_linear_fwd(s, l, ws, wl)
+        linear_with(s, l, &self.weight, "frozen_linear")
     }
 
     #[cfg(feature = "metal")]
@@ -514,16 +506,55 @@ impl CustomOp1 for FrozenLinear {
         s: &candle_core::MetalStorage,
         l: &Layout,
     ) -> CResult<(candle_core::MetalStorage, Shape)> {
-        let (ws, wl) = self.weight.storage_and_layout();
-        let candle_core::Storage::Metal(ws) = &*ws else {
-            candle_core::bail!("frozen_linear: weight is not on the metal device")
-        };
-        frozen_linear_fwd(s, l, ws, wl)
+        linear_with(s, l, &self.weight, "frozen_linear")
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
         Ok(Some(linear_input_grad(dy, &self.weight)?))
     }
+}
+
+/// A backend's storage type, taken out of candle's storage enum.
+trait BackendOf: BackendStorage + Sized {
+    fn of(s: &candle_core::Storage) -> Option<&Self>;
+}
+
+impl BackendOf for CpuStorage {
+    fn of(s: &candle_core::Storage) -> Option<&Self> {
+        match s {
+            candle_core::Storage::Cpu(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl BackendOf for candle_core::CudaStorage {
+    fn of(s: &candle_core::Storage) -> Option<&Self> {
+        match s {
+            candle_core::Storage::Cuda(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "metal")]
+impl BackendOf for candle_core::MetalStorage {
+    fn of(s: &candle_core::Storage) -> Option<&Self> {
+        match s {
+            candle_core::Storage::Metal(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// `y = x Wᵀ` for the input storage `s` and a weight tensor on the same backend.
+fn linear_with<S: BackendOf>(s: &S, l: &Layout, w: &Tensor, op: &str) -> CResult<(S, Shape)> {
+    let (ws, wl) = w.storage_and_layout();
+    let Some(ws) = S::of(&ws) else {
+        candle_core::bail!("{op}: the weight is not on the input's device")
+    };
+    frozen_linear_fwd(s, l, ws, wl)
 }
 
 /// `y = x Wᵀ` through the backend's own product, for any backend's storage.
@@ -569,14 +600,11 @@ impl CustomOp1 for QuantLinear {
         "ftbench-quant-linear"
     }
 
+    // each forward dequantizes this layer's weight; the f32 copy is dropped with the product
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        // this layer's weight in f32, dropped as soon as the product is done
         let w = self.weight.dequantize(&Device::Cpu)?;
-        let (ws, wl) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(ws) = &*ws else {
-            candle_core::bail!("quant_linear: weight is not on the cpu")
-        };
-        frozen_linear_fwd(s, l, ws, wl)
+        linear_with(s, l, &w, "quant_linear")
     }
 
     #[cfg(feature = "cuda")]
@@ -586,11 +614,7 @@ impl CustomOp1 for QuantLinear {
         l: &Layout,
     ) -> CResult<(candle_core::CudaStorage, Shape)> {
         let w = self.weight.dequantize(&Device::Cuda(s.device().clone()))?;
-        let (ws, wl) = w.storage_and_layout();
-        let candle_core::Storage::Cuda(ws) = &*ws else {
-            candle_core::bail!("quant_linear: weight is not on the cuda device")
-        };
-        frozen_linear_fwd(s, l, ws, wl)
+        linear_with(s, l, &w, "quant_linear")
     }
 
     #[cfg(feature = "metal")]
@@ -600,11 +624,7 @@ impl CustomOp1 for QuantLinear {
         l: &Layout,
     ) -> CResult<(candle_core::MetalStorage, Shape)> {
         let w = self.weight.dequantize(&Device::Metal(s.device().clone()))?;
-        let (ws, wl) = w.storage_and_layout();
-        let candle_core::Storage::Metal(ws) = &*ws else {
-            candle_core::bail!("quant_linear: weight is not on the metal device")
-        };
-        frozen_linear_fwd(s, l, ws, wl)
+        linear_with(s, l, &w, "quant_linear")
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {

@@ -1,15 +1,29 @@
 //! Whole-model facts on tiny random models: gradients reach every trainable tensor, merged
 //! adapters match unmerged ones, the KV cache matches a full forward, the chunked loss matches
-//! full logits.
+//! full logits; on a quantized base (NF4, GGUF blocks) the same facts hold and the quantized
+//! linear equals its dequantized weight.
 
-use candle_core::{Device, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor, Var, D};
 use ftbench_trainer::config::ModelConfig;
 use ftbench_trainer::lora::{LoraConfig, TargetModules};
-use ftbench_trainer::model::{masked_cross_entropy, random_weights, Decoder, KvCache, TrainMode};
+use ftbench_trainer::model::{
+    masked_cross_entropy, random_weights, Decoder, KvCache, QuantWeights, TrainMode, Weights,
+};
+use ftbench_trainer::ops;
+use ftbench_trainer::quant::nf4::Nf4Weight;
+use ftbench_trainer::quant::{is_quantizable, QuantWeight};
 use serde_json::json;
 
 fn tiny(family: &str) -> ModelConfig {
-    let v = match family {
+    tiny_with(family, json!({}))
+}
+
+/// [`tiny`] with some keys replaced.
+fn tiny_with(family: &str, overrides: serde_json::Value) -> ModelConfig {
+    let mut v = match family {
         "gemma3" => json!({
             "model_type": "gemma3_text", "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -30,6 +44,9 @@ fn tiny(family: &str) -> ModelConfig {
         }),
         _ => unreachable!(),
     };
+    for (k, x) in overrides.as_object().unwrap() {
+        v[k] = x.clone();
+    }
     ModelConfig::from_hf_value(&v).unwrap()
 }
 
@@ -83,28 +100,33 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
             let w = random_weights(&c, 1, &Device::Cpu).unwrap();
             let model = Decoder::new(c.clone(), w, mode.clone(), 2, &Device::Cpu).unwrap();
             perturb_adapters(&model);
-            let (b, t) = (2, 6);
-            let x = ids(&c, b, t, 1);
-            let targets: Vec<u32> = ids(&c, b, t, 2).flatten_all().unwrap().to_vec1().unwrap();
-            let mask = vec![1.0f32; b * t];
-            let loss = model.loss(&x, &targets, &mask, None).unwrap();
-            let grads = loss.backward().unwrap();
-            let vars = model.trainable();
-            assert!(!vars.is_empty());
-            for (name, v) in vars {
-                let g = grads
-                    .get(v.as_tensor())
-                    .unwrap_or_else(|| panic!("{fam} {mode:?}: no gradient for {name}"));
-                let n = g
-                    .abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(n > 0.0, "{fam}: zero gradient for {name}");
-            }
+            assert!(!model.trainable().is_empty());
+            assert_every_trainable_gets_a_gradient(&model, &format!("{fam} {mode:?}"));
         }
+    }
+}
+
+/// One loss and backward on a fixed batch; every trainable tensor must get a non-zero gradient.
+fn assert_every_trainable_gets_a_gradient(model: &Decoder, what: &str) {
+    let c = &model.config;
+    let (b, t) = (2, 6);
+    let targets: Vec<u32> = ids(c, b, t, 2).flatten_all().unwrap().to_vec1().unwrap();
+    let loss = model
+        .loss(&ids(c, b, t, 1), &targets, &vec![1.0f32; b * t], None)
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, v) in model.trainable() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+        let n = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0, "{what}: zero gradient for {name}");
     }
 }
 
@@ -304,6 +326,265 @@ fn fused_and_naive_lora_kernels_give_the_same_loss_and_gradients() {
             assert!(
                 d <= 1e-4 * scale.max(1e-6),
                 "{fam}: gradient {i} differs by {d} (scale {scale})"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// QLoRA: the frozen quantized linear carries gradients to the adapters and equals the same
+// computation on its dequantized f32 weight; a quantized decoder gives the logits of a dense
+// decoder holding the dequantized weights.
+
+/// Tiny models whose widths (64, 128) fit NF4's 64-value blocks and Q8_0's 32.
+fn tiny_wide(family: &str) -> ModelConfig {
+    tiny_with(
+        family,
+        json!({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 16}),
+    )
+}
+
+fn quantize(name: &str, w: &Tensor, format: &str) -> QuantWeight {
+    let (o, i) = w.dims2().unwrap();
+    match format {
+        "nf4" => {
+            let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            QuantWeight::Nf4(Arc::new(Nf4Weight::quantize(name, &v, o, i, true).unwrap()))
+        }
+        "q8_0" => {
+            QuantWeight::from_gguf(&QTensor::quantize(w, GgmlDType::Q8_0).unwrap(), None).unwrap()
+        }
+        "q4_0" => {
+            QuantWeight::from_gguf(&QTensor::quantize(w, GgmlDType::Q4_0).unwrap(), None).unwrap()
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Splits `w` into the quantized projections and, for comparison, the dense weights with
+/// each projection replaced by its dequantized value.
+fn quantize_model(w: &Weights, format: &str) -> (Weights, QuantWeights, Weights) {
+    let mut dense = w.clone();
+    let mut quant = QuantWeights::new();
+    let mut reference = w.clone();
+    for (name, t) in w {
+        if is_quantizable(name) {
+            let q = quantize(name, t, format);
+            reference.insert(name.clone(), q.dequantize(&Device::Cpu).unwrap());
+            dense.remove(name);
+            quant.insert(name.clone(), q);
+        }
+    }
+    (dense, quant, reference)
+}
+
+#[test]
+fn quantized_linear_matches_its_dequantized_weight_forward_and_backward() {
+    let dev = Device::Cpu;
+    for format in ["nf4", "q8_0", "q4_0"] {
+        let w = Tensor::randn(0f32, 0.5, (96, 128), &dev).unwrap();
+        let q = quantize("w", &w, format);
+        let wd = q.dequantize(&dev).unwrap();
+        assert_eq!(wd.dims(), &[96, 128]);
+        // the dequantized weight is a small perturbation of the original
+        let err = max_diff(&wd, &w);
+        assert!(
+            err > 0.0 && err < 0.5,
+            "{format}: dequantization error {err}"
+        );
+
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 128), &dev).unwrap()).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (2, 5, 96), &dev).unwrap();
+        let y = ops::quant_linear(x.as_tensor(), &q).unwrap();
+        // reference: candle's own matmul on the dequantized weight
+        let y_ref = x.as_tensor().broadcast_matmul(&wd.t().unwrap()).unwrap();
+        assert!(max_diff(&y, &y_ref) < 1e-4, "{format}: forward");
+        let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (y_ref * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx = g.get(x.as_tensor()).expect("input gradient");
+        let dx_ref = g_ref.get(x.as_tensor()).unwrap();
+        assert!(max_diff(dx, dx_ref) < 1e-4, "{format}: input gradient");
+        // and the frozen dense op gives the same numbers
+        let y_frozen = ops::frozen_linear(x.as_tensor(), &wd).unwrap();
+        let y = ops::quant_linear(x.as_tensor(), &q).unwrap();
+        assert_eq!(
+            max_diff(&y, &y_frozen),
+            0.0,
+            "{format}: same kernel as frozen_linear"
+        );
+    }
+}
+
+#[test]
+fn quantized_decoder_equals_dense_decoder_on_dequantized_weights() {
+    for fam in FAMILIES {
+        let c = tiny_wide(fam);
+        let w = random_weights(&c, 3, &Device::Cpu).unwrap();
+        for format in ["nf4", "q8_0"] {
+            let (dense, quant, reference) = quantize_model(&w, format);
+            let n_quant = quant.len();
+            assert_eq!(n_quant, 7 * c.num_hidden_layers);
+            let qm = Decoder::with_quantized(
+                c.clone(),
+                dense,
+                quant,
+                TrainMode::Frozen,
+                0,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let dm =
+                Decoder::new(c.clone(), reference, TrainMode::Frozen, 0, &Device::Cpu).unwrap();
+            assert_eq!(qm.base_linear_formats().get(format), Some(&n_quant));
+            let x = ids(&c, 2, 7, 1);
+            let a = qm.forward_logits(&x, None).unwrap();
+            let b = dm.forward_logits(&x, None).unwrap();
+            assert_eq!(max_diff(&a, &b), 0.0, "{fam} {format}: logits");
+        }
+    }
+}
+
+#[test]
+fn every_adapter_on_a_quantized_base_gets_a_gradient() {
+    for fam in FAMILIES {
+        let c = tiny_wide(fam);
+        let w = random_weights(&c, 1, &Device::Cpu).unwrap();
+        for format in ["nf4", "q8_0"] {
+            let (dense, quant, _) = quantize_model(&w, format);
+            let model = Decoder::with_quantized(
+                c.clone(),
+                dense,
+                quant,
+                TrainMode::Lora(all_linear()),
+                2,
+                &Device::Cpu,
+            )
+            .unwrap();
+            for (_, ad) in model.adapters() {
+                let b = Tensor::randn(0f32, 0.05, ad.b.as_tensor().dims(), &Device::Cpu).unwrap();
+                ad.b.set(&b).unwrap();
+            }
+            // adapters on the 7 projections of each layer (+ the untied LM head for llama)
+            assert!(model.trainable().len() >= 14 * c.num_hidden_layers);
+            assert_every_trainable_gets_a_gradient(&model, &format!("{fam} {format}"));
+        }
+    }
+}
+
+#[test]
+fn full_fine_tuning_refuses_a_quantized_base() {
+    let c = tiny_wide("llama");
+    let w = random_weights(&c, 1, &Device::Cpu).unwrap();
+    let (dense, quant, _) = quantize_model(&w, "q8_0");
+    let err = Decoder::with_quantized(c, dense, quant, TrainMode::Full, 0, &Device::Cpu)
+        .err()
+        .expect("full mode on a quantized base is an error")
+        .to_string();
+    assert!(
+        err.contains("train.mode") && err.contains("quantization"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_quantized_weight_that_matches_no_layer_is_named() {
+    let c = tiny_wide("qwen2");
+    let w = random_weights(&c, 1, &Device::Cpu).unwrap();
+    let (dense, mut quant, _) = quantize_model(&w, "q8_0");
+    let extra = quant["model.layers.0.mlp.up_proj.weight"].clone();
+    quant.insert("model.layers.9.mlp.up_proj.weight".into(), extra);
+    let err = Decoder::with_quantized(c, dense, quant, TrainMode::Frozen, 0, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("model.layers.9.mlp.up_proj.weight"), "{err}");
+}
+
+/// NF4 with double quantization holds a projection in about half a byte per parameter
+/// (4 bits of code plus the 8-bit scale of each 64-value block and the f32 scale of each
+/// 256 scales: 0.5 + 1/64 + 4/(64·256) bytes, plus two small code books).
+#[test]
+fn nf4_base_footprint_is_about_half_a_byte_per_parameter() {
+    let c = ModelConfig::preset("smollm-135m").unwrap();
+    let mut c = c;
+    c.num_hidden_layers = 1;
+    c.sliding_layers.truncate(1);
+    let w = random_weights(&c, 0, &Device::Cpu).unwrap();
+    let (dense, quant, _) = quantize_model(&w, "nf4");
+    let m = Decoder::with_quantized(c.clone(), dense, quant, TrainMode::Frozen, 0, &Device::Cpu)
+        .unwrap();
+    let (params, bytes) = m.base_linear_footprint();
+    let per = bytes as f64 / params as f64;
+    eprintln!("nf4 base: {params} parameters in {bytes} bytes, {per:.4} bytes per parameter");
+    assert!((0.5..0.56).contains(&per), "{per} bytes per parameter");
+    let dense = Decoder::new(c, w, TrainMode::Frozen, 0, &Device::Cpu).unwrap();
+    assert_eq!(dense.base_linear_footprint(), (params, 4 * params));
+}
+
+/// The fused LoRA kernel on a quantized base (weight dequantized in the forward and again in
+/// the backward) gives the separate-op layer's loss and gradients.
+#[test]
+fn fused_and_naive_lora_agree_on_a_quantized_base() {
+    use ftbench_trainer::lora::LoraKernel;
+    for fam in FAMILIES {
+        let c = tiny_wide(fam);
+        let w = random_weights(&c, 4, &Device::Cpu).unwrap();
+        let (dense, quant, _) = quantize_model(&w, "nf4");
+        let run = |kernel: LoraKernel| {
+            let cfg = LoraConfig {
+                kernel,
+                ..all_linear()
+            };
+            let model = Decoder::with_quantized(
+                c.clone(),
+                dense.clone(),
+                quant.clone(),
+                TrainMode::Lora(cfg),
+                2,
+                &Device::Cpu,
+            )
+            .unwrap();
+            for (i, (_, ad)) in model.adapters().into_iter().enumerate() {
+                let n = ad.b.as_tensor().elem_count();
+                let v: Vec<f32> = (0..n)
+                    .map(|j| ((i * 31 + j * 7) % 13) as f32 * 0.01 - 0.06)
+                    .collect();
+                ad.b.set(&Tensor::from_vec(v, ad.b.as_tensor().dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+            let (b, t) = (2, 6);
+            let targets: Vec<u32> = ids(&c, b, t, 2).flatten_all().unwrap().to_vec1().unwrap();
+            let loss = model
+                .loss(&ids(&c, b, t, 1), &targets, &vec![1.0; b * t], None)
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<Tensor> = model
+                .trainable()
+                .iter()
+                .map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone())
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let (lf, gf) = run(LoraKernel::Fused);
+        let (ln, gn) = run(LoraKernel::Naive);
+        assert!((lf - ln).abs() < 1e-5, "{fam}: loss {lf} vs {ln}");
+        for (a, b) in gf.iter().zip(&gn) {
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                max_diff(a, b) <= 1e-4 * scale.max(1e-3),
+                "{fam}: gradients differ"
             );
         }
     }
