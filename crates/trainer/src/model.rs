@@ -308,8 +308,9 @@ impl Decoder {
                     return Err(Error::config(
                         "model",
                         format!(
-                            "quantized weight `{wname}` has shape {:?}, expected [{out_f}, {in_f}]",
-                            q.dims()
+                            "quantized weight `{wname}` has shape [{}, {}], expected [{out_f}, {in_f}]",
+                            q.dims().0,
+                            q.dims().1
                         ),
                     ))
                 }
