@@ -304,17 +304,16 @@ impl Decoder {
          -> Result<Linear> {
             let wname = format!("{name}.weight");
             let base = match quant.remove(&wname) {
-                Some(q) if q.dims() != (out_f, in_f) => {
-                    return Err(Error::config(
-                        "model",
-                        format!(
-                            "quantized weight `{wname}` has shape [{}, {}], expected [{out_f}, {in_f}]",
-                            q.dims().0,
-                            q.dims().1
-                        ),
-                    ))
+                Some(q) => {
+                    let (qo, qi) = q.dims();
+                    if (qo, qi) != (out_f, in_f) {
+                        let msg = format!(
+                            "quantized weight `{wname}` has shape [{qo}, {qi}], expected [{out_f}, {in_f}]"
+                        );
+                        return Err(Error::config("model", msg));
+                    }
+                    BaseWeight::Quant(q)
                 }
-                Some(q) => BaseWeight::Quant(q),
                 None => BaseWeight::Dense(take(&wname, &[out_f, in_f])?),
             };
             let bias = if bias {
