@@ -1,6 +1,5 @@
 //! `ftbench bench`: benchmarks on random weights, one JSON line each.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -11,7 +10,7 @@ use ftbench_trainer::device::device_name;
 use ftbench_trainer::fused_lora::{self, uniform};
 use ftbench_trainer::lora::{LoraConfig, LoraKernel, TargetModules};
 use ftbench_trainer::model::{random_weights, Decoder, QuantWeights, TrainMode, Weights};
-use ftbench_trainer::quant::nf4::Nf4Weight;
+use ftbench_trainer::quant::weight::nf4_projections;
 use ftbench_trainer::quant::{is_quantizable, QuantWeight};
 use ftbench_trainer::train::{self, Optim, TrainConfig};
 use serde_json::json;
@@ -269,6 +268,9 @@ fn quantize_projections(weights: &mut Weights, format: &str) -> CliResult<QuantW
             ))
         }
     };
+    let Some(gguf) = gguf else {
+        return nf4_projections(weights).map_err(|e| e.to_string());
+    };
     let mut names: Vec<String> = weights
         .keys()
         .filter(|k| is_quantizable(k))
@@ -278,29 +280,18 @@ fn quantize_projections(weights: &mut Weights, format: &str) -> CliResult<QuantW
     let mut out = QuantWeights::new();
     for name in names {
         let t = weights.remove(&name).expect("listed above");
-        let q = match gguf {
-            None => {
-                let (o, i) = t.dims2().ctx()?;
-                let v = t.flatten_all().ctx()?.to_vec1::<f32>().ctx()?;
-                let q = Nf4Weight::quantize(&name, &v, o, i, true).map_err(|e| e.to_string())?;
-                QuantWeight::Nf4(Arc::new(q))
-            }
-            Some(dt) => {
-                // as llama.cpp does: a k-quant whose 256-value blocks do not tile the rows
-                // falls back to a 32-value block type of about the same size
-                let in_f = t.dim(1).ctx()?;
-                let dt = match dt {
-                    GgmlDType::Q4K if in_f % 256 != 0 => GgmlDType::Q5_0,
-                    GgmlDType::Q5K if in_f % 256 != 0 => GgmlDType::Q5_1,
-                    GgmlDType::Q6K if in_f % 256 != 0 => GgmlDType::Q8_0,
-                    dt => dt,
-                };
-                let qt = QTensor::quantize(&t, dt)
-                    .map_err(|e| format!("--quant {format}: `{name}`: {}", first_line(&e)))?;
-                QuantWeight::from_gguf(&qt, None)
-                    .map_err(|e| format!("--quant {format}: `{name}`: {}", first_line(&e)))?
-            }
+        // as llama.cpp does: a k-quant whose 256-value blocks do not tile the rows falls back
+        // to a 32-value block type of about the same size
+        let in_f = t.dim(1).ctx()?;
+        let dt = match gguf {
+            GgmlDType::Q4K if in_f % 256 != 0 => GgmlDType::Q5_0,
+            GgmlDType::Q5K if in_f % 256 != 0 => GgmlDType::Q5_1,
+            GgmlDType::Q6K if in_f % 256 != 0 => GgmlDType::Q8_0,
+            dt => dt,
         };
+        let q = QTensor::quantize(&t, dt)
+            .and_then(|qt| QuantWeight::from_gguf(&qt, None))
+            .map_err(|e| format!("--quant {format}: `{name}`: {}", first_line(&e)))?;
         out.insert(name, q);
     }
     Ok(out)

@@ -10,10 +10,11 @@ use ftbench_trainer::eval::gsm8k_exact_match;
 use ftbench_trainer::generate::{generate_greedy, score as score_tokens};
 use ftbench_trainer::loader::{self, LoadedModel};
 use ftbench_trainer::lora::load_peft;
-use ftbench_trainer::model::{Decoder, QuantWeights, TrainMode};
+use ftbench_trainer::model::{Decoder, TrainMode};
 use ftbench_trainer::quant::nf4::Nf4Weight;
+use ftbench_trainer::quant::weight::nf4_projections;
+use ftbench_trainer::quant::QuantWeight;
 use ftbench_trainer::quant::Quantization;
-use ftbench_trainer::quant::{is_quantizable, QuantWeight};
 use ftbench_trainer::tokenizer::Tokenizer;
 use ftbench_trainer::train;
 use serde_json::json;
@@ -354,23 +355,27 @@ fn merge_checks(
     batches: &[data::Batch],
 ) -> CliResult<(f64, Vec<MergeCheck>)> {
     let ref_loss = train::heldout_loss(reference, batches).ctx()?;
-    let mut checks = Vec::new();
-    for m in merged {
-        let loss = train::heldout_loss(m, batches).ctx()?;
-        let (mut max, mut sum, mut n) = (0f32, 0f64, 0usize);
-        for b in batches {
-            for row in b.input_ids.chunks(b.seq_len) {
-                let ids = candle_core::Tensor::new(row, &reference.device)
-                    .and_then(|t| t.unsqueeze(0))
-                    .ctx()?;
-                let a = reference.forward_logits(&ids, None).ctx()?;
+    // per merged model: max |diff|, Σ |diff|
+    let mut diffs = vec![(0f32, 0f64); merged.len()];
+    let mut n = 0usize;
+    for b in batches {
+        for row in b.input_ids.chunks(b.seq_len) {
+            let ids = candle_core::Tensor::new(row, &reference.device)
+                .and_then(|t| t.unsqueeze(0))
+                .ctx()?;
+            let a = reference.forward_logits(&ids, None).ctx()?;
+            n += a.elem_count();
+            for (m, (max, sum)) in merged.iter().zip(diffs.iter_mut()) {
                 let c = m.forward_logits(&ids, None).ctx()?;
-                let d = (a - c).and_then(|d| d.abs()).ctx()?;
-                max = max.max(d.max_all().and_then(|x| x.to_scalar::<f32>()).ctx()?);
-                sum += d.sum_all().and_then(|x| x.to_scalar::<f32>()).ctx()? as f64;
-                n += d.elem_count();
+                let d = (&a - c).and_then(|d| d.abs()).ctx()?;
+                *max = max.max(d.max_all().and_then(|x| x.to_scalar::<f32>()).ctx()?);
+                *sum += d.sum_all().and_then(|x| x.to_scalar::<f32>()).ctx()? as f64;
             }
         }
+    }
+    let mut checks = Vec::new();
+    for (m, (max, sum)) in merged.iter().zip(diffs) {
+        let loss = train::heldout_loss(m, batches).ctx()?;
         checks.push(MergeCheck {
             loss,
             loss_delta: loss - ref_loss,
@@ -422,17 +427,11 @@ pub fn export(a: &ExportArgs) -> CliResult<()> {
     let mut nf4_model = None;
     if needs_nf4 {
         let mut rest = dense.clone();
-        let mut quant = QuantWeights::new();
-        for (name, t) in &dense {
-            if !is_quantizable(name) {
-                continue;
+        let quant = nf4_projections(&mut rest).ctx()?;
+        for (name, q) in &quant {
+            if let QuantWeight::Nf4(w) = q {
+                nf4.insert(name.clone(), w.clone());
             }
-            let (o, i) = t.dims2().ctx()?;
-            let v = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx()?;
-            let q = Arc::new(Nf4Weight::quantize(name, &v, o, i, true).ctx()?);
-            rest.remove(name);
-            quant.insert(name.clone(), QuantWeight::Nf4(q.clone()));
-            nf4.insert(name.clone(), q);
         }
         nf4_model = Some(
             Decoder::with_quantized(

@@ -60,23 +60,9 @@ pub fn load_with(spec: &str, device: &Device, quant: Quantization) -> Result<Loa
 
 /// Quantizes every dense projection of `m` to NF4 with double quantization.
 fn quantize_nf4(m: &mut LoadedModel) -> Result<()> {
-    let mut names: Vec<String> = m
-        .weights
-        .keys()
-        .filter(|k| is_quantizable(k))
-        .cloned()
-        .collect();
-    names.sort();
-    for name in names {
-        let t = m.weights.remove(&name).expect("listed above");
-        let (out_f, in_f) = t.dims2()?;
-        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        drop(t);
-        let q = Nf4Weight::quantize(&name, &v, out_f, in_f, true)
-            .map_err(|e| Error::config("model.quantization", e.to_string()))?;
-        m.quantized
-            .insert(name, QuantWeight::Nf4(std::sync::Arc::new(q)));
-    }
+    let q = crate::quant::weight::nf4_projections(&mut m.weights)
+        .map_err(|e| Error::config("model.quantization", e.to_string()))?;
+    m.quantized.extend(q);
     Ok(())
 }
 

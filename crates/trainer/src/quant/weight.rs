@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::nf4::Nf4Weight;
+use crate::model::{QuantWeights, Weights};
 
 /// How the frozen base's linear projections are held (`[model] quantization`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -50,6 +51,30 @@ pub fn is_quantizable(hf_name: &str) -> bool {
             .strip_suffix(".weight")
             .and_then(|m| m.rsplit('.').next())
             .is_some_and(|last| ftbench_meter::flops::LINEAR_MODULES.contains(&last))
+}
+
+/// Moves every projection of `weights` (see [`is_quantizable`]) into NF4 with double
+/// quantization, one weight at a time: QLoRA's frozen base.
+pub fn nf4_projections(weights: &mut Weights) -> crate::Result<QuantWeights> {
+    let mut names: Vec<String> = weights
+        .keys()
+        .filter(|k| is_quantizable(k))
+        .cloned()
+        .collect();
+    names.sort();
+    let mut out = QuantWeights::new();
+    for name in names {
+        let t = weights.remove(&name).expect("listed above");
+        let (out_f, in_f) = t.dims2()?;
+        let v = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        drop(t);
+        let q = Nf4Weight::quantize(&name, &v, out_f, in_f, true)?;
+        out.insert(name, QuantWeight::Nf4(Arc::new(q)));
+    }
+    Ok(out)
 }
 
 /// A quantized `[out, in]` weight.
@@ -146,28 +171,26 @@ impl QuantWeight {
     /// The dequantized weight, f32 `[out, in]`, on `device`.
     pub fn dequantize(&self, device: &Device) -> candle_core::Result<Tensor> {
         let (out_f, in_f) = self.dims();
-        let mut dst = vec![0f32; out_f * in_f];
         match self {
             Self::Nf4(w) => {
                 // rows in parallel bands of 64
+                let mut dst = vec![0f32; out_f * in_f];
                 dst.par_chunks_mut(64 * in_f)
                     .enumerate()
                     .for_each(|(i, chunk)| {
                         let r0 = i * 64;
                         w.dequantize_rows(r0..r0 + chunk.len() / in_f, chunk)
                     });
+                Tensor::from_vec(dst, (out_f, in_f), device)
             }
             Self::Gguf { bands, .. } => {
-                dst.par_chunks_mut(GGUF_BAND_ROWS * in_f)
-                    .zip(bands.par_iter())
-                    .try_for_each(|(chunk, band)| -> candle_core::Result<()> {
-                        let t = band.dequantize(&Device::Cpu)?;
-                        let v = t.flatten_all()?.to_vec1::<f32>()?;
-                        chunk.copy_from_slice(&v);
-                        Ok(())
-                    })?;
+                // bands in parallel, joined by one copy
+                let parts = bands
+                    .par_iter()
+                    .map(|band| band.dequantize(&Device::Cpu))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)?.to_device(device)
             }
         }
-        Tensor::from_vec(dst, (out_f, in_f), device)
     }
 }
