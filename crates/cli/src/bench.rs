@@ -15,7 +15,9 @@ use ftbench_trainer::quant::{is_quantizable, QuantWeight};
 use ftbench_trainer::train::{self, Optim, TrainConfig};
 use serde_json::json;
 
-use crate::run::{one_line_errors::Context, open_device, set_threads, CliResult};
+use crate::run::{
+    one_line_errors::one_line, one_line_errors::Context, open_device, set_threads, CliResult,
+};
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
@@ -291,15 +293,10 @@ fn quantize_projections(weights: &mut Weights, format: &str) -> CliResult<QuantW
         };
         let q = QTensor::quantize(&t, dt)
             .and_then(|qt| QuantWeight::from_gguf(&qt, None))
-            .map_err(|e| format!("--quant {format}: `{name}`: {}", first_line(&e)))?;
+            .map_err(|e| format!("--quant {format}: `{name}`: {}", one_line(&e.to_string())))?;
         out.insert(name, q);
     }
     Ok(out)
-}
-
-/// A candle error's message without the backtrace it may carry.
-fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 /// One measured shape of `bench lora-kernel`: median seconds per call.
