@@ -10,8 +10,8 @@ use ftbench_trainer::device::device_name;
 use ftbench_trainer::fused_lora::{self, uniform};
 use ftbench_trainer::lora::{LoraConfig, LoraKernel, TargetModules};
 use ftbench_trainer::model::{random_weights, Decoder, QuantWeights, TrainMode, Weights};
-use ftbench_trainer::quant::weight::nf4_projections;
-use ftbench_trainer::quant::{is_quantizable, QuantWeight};
+use ftbench_trainer::quant::weight::{nf4_projections, projection_names};
+use ftbench_trainer::quant::QuantWeight;
 use ftbench_trainer::train::{self, Optim, TrainConfig};
 use serde_json::json;
 
@@ -273,14 +273,8 @@ fn quantize_projections(weights: &mut Weights, format: &str) -> CliResult<QuantW
     let Some(gguf) = gguf else {
         return nf4_projections(weights).map_err(|e| e.to_string());
     };
-    let mut names: Vec<String> = weights
-        .keys()
-        .filter(|k| is_quantizable(k))
-        .cloned()
-        .collect();
-    names.sort();
     let mut out = QuantWeights::new();
-    for name in names {
+    for name in projection_names(weights) {
         let t = weights.remove(&name).expect("listed above");
         // as llama.cpp does: a k-quant whose 256-value blocks do not tile the rows falls back
         // to a 32-value block type of about the same size

@@ -106,19 +106,42 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
     }
 }
 
-/// One loss and backward on a fixed batch; every trainable tensor must get a non-zero gradient.
-fn assert_every_trainable_gets_a_gradient(model: &Decoder, what: &str) {
+/// The loss on a fixed batch of 2 x 6 (inputs and targets drawn with `seeds`) and the gradient
+/// of every trainable tensor, in `trainable()` order.
+fn loss_and_grads(
+    model: &Decoder,
+    seeds: (u32, u32),
+    rng: Option<&mut rand::rngs::StdRng>,
+    what: &str,
+) -> (f32, Vec<Tensor>) {
     let c = &model.config;
     let (b, t) = (2, 6);
-    let targets: Vec<u32> = ids(c, b, t, 2).flatten_all().unwrap().to_vec1().unwrap();
+    let targets: Vec<u32> = ids(c, b, t, seeds.1)
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let loss = model
-        .loss(&ids(c, b, t, 1), &targets, &vec![1.0f32; b * t], None)
+        .loss(&ids(c, b, t, seeds.0), &targets, &vec![1.0f32; b * t], rng)
         .unwrap();
     let grads = loss.backward().unwrap();
-    for (name, v) in model.trainable() {
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+    let g = model
+        .trainable()
+        .iter()
+        .map(|(name, v)| {
+            grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{what}: no gradient for {name}"))
+                .clone()
+        })
+        .collect();
+    (loss.to_scalar::<f32>().unwrap(), g)
+}
+
+/// One loss and backward on a fixed batch; every trainable tensor must get a non-zero gradient.
+fn assert_every_trainable_gets_a_gradient(model: &Decoder, what: &str) {
+    let (_, grads) = loss_and_grads(model, (1, 2), None, what);
+    for ((name, _), g) in model.trainable().iter().zip(&grads) {
         let n = g
             .abs()
             .unwrap()
@@ -265,10 +288,6 @@ fn fused_and_naive_lora_kernels_give_the_same_loss_and_gradients() {
     use ftbench_trainer::lora::LoraKernel;
     for fam in FAMILIES {
         let c = tiny(fam);
-        let (b, t) = (2, 6);
-        let x = ids(&c, b, t, 3);
-        let targets: Vec<u32> = ids(&c, b, t, 4).flatten_all().unwrap().to_vec1().unwrap();
-        let mask = vec![1.0f32; b * t];
         let mut results = Vec::new();
         let mut first_b: Vec<Tensor> = Vec::new();
         for kernel in [LoraKernel::Naive, LoraKernel::Fused] {
@@ -293,19 +312,8 @@ fn fused_and_naive_lora_kernels_give_the_same_loss_and_gradients() {
             }
             // dropout on, from the same seed: both kernels see the same masks
             let mut rng = ftbench_trainer::lora::rng(7);
-            let loss = model.loss(&x, &targets, &mask, Some(&mut rng)).unwrap();
-            let grads = loss.backward().unwrap();
-            let g: Vec<Tensor> = model
-                .trainable()
-                .iter()
-                .map(|(name, v)| {
-                    grads
-                        .get(v.as_tensor())
-                        .unwrap_or_else(|| panic!("{fam} {kernel:?}: no gradient for {name}"))
-                        .clone()
-                })
-                .collect();
-            results.push((loss.to_scalar::<f32>().unwrap(), g));
+            let what = format!("{fam} {kernel:?}");
+            results.push(loss_and_grads(&model, (3, 4), Some(&mut rng), &what));
         }
         let (l_naive, g_naive) = &results[0];
         let (l_fused, g_fused) = &results[1];
@@ -558,18 +566,7 @@ fn fused_and_naive_lora_agree_on_a_quantized_base() {
                 ad.b.set(&Tensor::from_vec(v, ad.b.as_tensor().dims(), &Device::Cpu).unwrap())
                     .unwrap();
             }
-            let (b, t) = (2, 6);
-            let targets: Vec<u32> = ids(&c, b, t, 2).flatten_all().unwrap().to_vec1().unwrap();
-            let loss = model
-                .loss(&ids(&c, b, t, 1), &targets, &vec![1.0; b * t], None)
-                .unwrap();
-            let grads = loss.backward().unwrap();
-            let g: Vec<Tensor> = model
-                .trainable()
-                .iter()
-                .map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone())
-                .collect();
-            (loss.to_scalar::<f32>().unwrap(), g)
+            loss_and_grads(&model, (1, 2), None, &format!("{fam} {kernel:?}"))
         };
         let (lf, gf) = run(LoraKernel::Fused);
         let (ln, gn) = run(LoraKernel::Naive);

@@ -53,17 +53,22 @@ pub fn is_quantizable(hf_name: &str) -> bool {
             .is_some_and(|last| ftbench_meter::flops::LINEAR_MODULES.contains(&last))
 }
 
-/// Moves every projection of `weights` (see [`is_quantizable`]) into NF4 with double
-/// quantization, one weight at a time: QLoRA's frozen base.
-pub fn nf4_projections(weights: &mut Weights) -> crate::Result<QuantWeights> {
+/// The names in `weights` that [`is_quantizable`] accepts, sorted.
+pub fn projection_names(weights: &Weights) -> Vec<String> {
     let mut names: Vec<String> = weights
         .keys()
         .filter(|k| is_quantizable(k))
         .cloned()
         .collect();
     names.sort();
+    names
+}
+
+/// Moves every projection of `weights` (see [`is_quantizable`]) into NF4 with double
+/// quantization, one weight at a time: QLoRA's frozen base.
+pub fn nf4_projections(weights: &mut Weights) -> crate::Result<QuantWeights> {
     let mut out = QuantWeights::new();
-    for name in names {
+    for name in projection_names(weights) {
         let t = weights.remove(&name).expect("listed above");
         let (out_f, in_f) = t.dims2()?;
         let v = t
