@@ -110,7 +110,9 @@ pub fn set_threads(threads: usize) -> usize {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global();
-    rayon::current_num_threads()
+    let n = rayon::current_num_threads();
+    ftbench_trainer::cpu_gemm::set_threads(n);
+    n
 }
 
 /// A run id: UTC date-time and the config's name.

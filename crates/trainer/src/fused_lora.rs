@@ -13,7 +13,8 @@
 //!   `dx` by the GEMM when there is no dropout, or added with the mask in one pass when there
 //!   is.
 //!
-//! CPU: the `gemm` crate's accumulate-into-destination form (f32, f64). CUDA: candle's
+//! CPU: [`crate::cpu_gemm`]'s accumulate-into-destination form (f32, f64; the `gemm` crate, or
+//! MKL with the `mkl` feature). CUDA: candle's
 //! cuBLAS products plus cuBLAS calls with beta = 1 (f32, bf16, f64). Other devices (Metal):
 //! the same dataflow through candle's backend products, with the up-projection added in a
 //! separate pass.
@@ -27,6 +28,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
+
+use crate::cpu_gemm::gemm;
 use serde::{Deserialize, Serialize};
 
 use crate::quant::QuantWeight;
@@ -187,56 +190,7 @@ fn out_shape(xl: &Layout, out_f: usize) -> Shape {
 }
 
 // ---------------------------------------------------------------------------------------------
-// CPU: the gemm crate
-
-/// `C = (accumulate ? C : 0) + beta · op(A) op(B)` on row-major buffers, through the `gemm`
-/// crate; strides given per operand as (row stride, column stride) in elements.
-#[allow(clippy::too_many_arguments)]
-fn gemm_cpu<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    c: &mut [T],
-    accumulate: bool,
-    a: &[T],
-    (a_rs, a_cs): (usize, usize),
-    b: &[T],
-    (b_rs, b_cs): (usize, usize),
-    beta: f64,
-) {
-    debug_assert!(c.len() >= m * n);
-    debug_assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    debug_assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k > 64 * 64 * 64 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the three buffers hold the strided matrices (checked above in debug builds and
-    // by the callers' shape checks), and `c` does not alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            T::from_f64(1.0),
-            T::from_f64(beta),
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
+// CPU: `cpu_gemm` (the gemm crate, or MKL with the `mkl` feature)
 
 fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [T]> {
     match l.contiguous_offsets() {
@@ -286,7 +240,7 @@ impl FusedLora {
         };
         // s = xm Aᵀ: [n, in] x [in, r]
         let mut s = vec![T::zero(); n * r];
-        gemm_cpu(
+        gemm(
             (n, r, in_f),
             &mut s,
             false,
@@ -300,7 +254,7 @@ impl FusedLora {
         let mut y = vec![T::zero(); n * out_f];
         let w = self.w.get(&candle_core::Device::Cpu, T::DTYPE)?;
         with_cpu_slice::<T, _>(&w, |w| {
-            gemm_cpu(
+            gemm(
                 (n, out_f, in_f),
                 &mut y,
                 false,
@@ -311,7 +265,7 @@ impl FusedLora {
                 1.0,
             )
         })?;
-        gemm_cpu(
+        gemm(
             (n, out_f, r),
             &mut y,
             true,
@@ -344,7 +298,7 @@ impl FusedLora {
         );
         // ds = scaling · dy B: [n, out] x [out, r]; dB = scaling · dyᵀ s: [out, n] x [n, r]
         let mut ds = vec![T::zero(); n * r];
-        gemm_cpu(
+        gemm(
             (n, r, out_f),
             &mut ds,
             false,
@@ -355,7 +309,7 @@ impl FusedLora {
             sc,
         );
         let mut db = vec![T::zero(); out_f * r];
-        gemm_cpu(
+        gemm(
             (out_f, r, n),
             &mut db,
             false,
@@ -371,7 +325,7 @@ impl FusedLora {
             None => Ok(xs.to_vec()),
         })??;
         let mut da = vec![T::zero(); r * in_f];
-        gemm_cpu(
+        gemm(
             (r, in_f, n),
             &mut da,
             false,
@@ -385,7 +339,7 @@ impl FusedLora {
         let mut dx = vec![T::zero(); n * in_f];
         let w = self.w.get(&candle_core::Device::Cpu, T::DTYPE)?;
         with_cpu_slice::<T, _>(&w, |w| {
-            gemm_cpu(
+            gemm(
                 (n, in_f, out_f),
                 &mut dx,
                 false,
@@ -397,7 +351,7 @@ impl FusedLora {
             )
         })?;
         match &self.mask {
-            None => gemm_cpu(
+            None => gemm(
                 (n, in_f, r),
                 &mut dx,
                 true,
@@ -408,7 +362,7 @@ impl FusedLora {
                 1.0,
             ),
             Some(m) => {
-                gemm_cpu(
+                gemm(
                     (n, in_f, r),
                     &mut buf,
                     false,

@@ -2,6 +2,7 @@
 //! on candle, LoRA adapters with PEFT semantics and files, data loading and the training loop.
 
 pub mod config;
+pub mod cpu_gemm;
 pub mod data;
 pub mod device;
 pub mod error;

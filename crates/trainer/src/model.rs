@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 
-use crate::config::{Activation, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::fused_lora::{self, LoraKernel};
 use crate::lora::{dropout_mask, LoraAdapter, LoraConfig};
@@ -828,12 +828,10 @@ impl Decoder {
             // MLP: act(gate) * up -> down
             let h = blk.pre_mlp_norm.forward(&x)?;
             let gate = blk.gate_proj.forward(&h, ctx)?;
-            let gate = match c.hidden_act {
-                Activation::Silu => candle_nn::ops::silu(&gate)?,
-                Activation::GeluTanh => gate.gelu()?,
-            };
             let up = blk.up_proj.forward(&h, ctx)?;
-            let mut m = blk.down_proj.forward(&(gate * up)?, ctx)?;
+            let mut m = blk
+                .down_proj
+                .forward(&ops::gated_act(&gate, &up, c.hidden_act)?, ctx)?;
             if let Some(n) = &blk.post_mlp_norm {
                 m = n.forward(&m)?;
             }

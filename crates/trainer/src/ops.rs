@@ -20,6 +20,7 @@
 
 use std::sync::Mutex;
 
+use crate::config::Activation;
 use crate::quant::QuantWeight;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -325,9 +326,77 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        if y.device().is_cpu() {
+            let grad = CausalSoftmaxGrad { scale: self.scale };
+            return Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &grad)?));
+        }
         // masked entries have y = 0, so their gradient is 0 too
         let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
         Ok(Some(((y * dy.broadcast_sub(&dot)?)? * self.scale)?))
+    }
+}
+
+/// The causal softmax's input gradient in one pass per row:
+/// `dx = scale · y ⊙ (dy - Σ dy ⊙ y)`; masked entries (y = 0) get 0.
+struct CausalSoftmaxGrad {
+    scale: f64,
+}
+
+fn causal_softmax_grad<T: WithDType>(
+    ys: &CpuStorage,
+    yl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    scale: f64,
+) -> CResult<(CpuStorage, Shape)> {
+    let y = contiguous_slice::<T>(ys, yl, "causal_softmax backward")?;
+    let dy = contiguous_slice::<T>(gs, gl, "causal_softmax backward")?;
+    if y.len() != dy.len() {
+        candle_core::bail!(
+            "causal_softmax backward: {:?} vs {:?}",
+            yl.dims(),
+            gl.dims()
+        );
+    }
+    let total = (*yl.dims().last().unwrap_or(&1)).max(1);
+    let mut dx = vec![T::zero(); y.len()];
+    dx.par_chunks_mut(total)
+        .zip(y.par_chunks(total).zip(dy.par_chunks(total)))
+        .for_each(|(dxr, (yr, gr))| {
+            let dot: f64 = yr
+                .iter()
+                .zip(gr)
+                .map(|(a, b)| a.to_f64() * b.to_f64())
+                .sum();
+            for ((o, yv), gv) in dxr.iter_mut().zip(yr).zip(gr) {
+                *o = T::from_f64(scale * yv.to_f64() * (gv.to_f64() - dot));
+            }
+        });
+    Ok((T::to_cpu_storage_owned(dx), yl.shape().clone()))
+}
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "ftbench-causal-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        dispatch_float!(
+            ys,
+            "causal_softmax backward",
+            causal_softmax_grad,
+            ys,
+            yl,
+            gs,
+            gl,
+            self.scale
+        )
     }
 }
 
@@ -463,6 +532,232 @@ pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> 
     let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
     let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
     Tensor::cat(&[a, b], 3)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gated MLP activation
+
+/// `act(gate) ⊙ up` (the MLP's SwiGLU / GeGLU product) as one op: one pass forward, one pass
+/// backward for both input gradients, instead of an activation, a product and their composed
+/// backward passes.
+struct GatedAct {
+    act: Activation,
+}
+
+/// SiLU and its derivative at `g`, f32 with [`fast_exp`].
+#[inline(always)]
+fn silu_and_grad_f32(g: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + fast_exp(-g));
+    (g * s, s * (1.0 + g * (1.0 - s)))
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_CUBIC: f64 = 0.044_715;
+
+/// tanh-approximated GELU and its derivative at `g`, f32 with [`fast_exp`].
+#[inline(always)]
+fn gelu_tanh_and_grad_f32(g: f32) -> (f32, f32) {
+    let (c, k) = (SQRT_2_OVER_PI as f32, GELU_CUBIC as f32);
+    let z = c * (g + k * g * g * g);
+    let t = 1.0 - 2.0 / (fast_exp(2.0 * z) + 1.0);
+    let dz = c * (1.0 + 3.0 * k * g * g);
+    (
+        0.5 * g * (1.0 + t),
+        0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * dz,
+    )
+}
+
+fn silu_and_grad_f64(g: f64) -> (f64, f64) {
+    let s = 1.0 / (1.0 + (-g).exp());
+    (g * s, s * (1.0 + g * (1.0 - s)))
+}
+
+fn gelu_tanh_and_grad_f64(g: f64) -> (f64, f64) {
+    let t = (SQRT_2_OVER_PI * (g + GELU_CUBIC * g * g * g)).tanh();
+    let dz = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * g * g);
+    (
+        0.5 * g * (1.0 + t),
+        0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * dz,
+    )
+}
+
+fn gated_fwd_f32(act: Activation, gate: &[f32], up: &[f32]) -> Vec<f32> {
+    // one monomorphised loop per activation, so the compiler inlines and vectorises it
+    fn run(f: impl Fn(f32) -> (f32, f32) + Sync, gate: &[f32], up: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; gate.len()];
+        y.par_chunks_mut(1 << 14)
+            .zip(gate.par_chunks(1 << 14).zip(up.par_chunks(1 << 14)))
+            .for_each(|(y, (g, u))| {
+                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                    *y = f(*g).0 * u;
+                }
+            });
+        y
+    }
+    match act {
+        Activation::Silu => run(silu_and_grad_f32, gate, up),
+        Activation::GeluTanh => run(gelu_tanh_and_grad_f32, gate, up),
+    }
+}
+
+fn gated_fwd_f64(act: Activation, gate: &[f64], up: &[f64]) -> Vec<f64> {
+    let f = match act {
+        Activation::Silu => silu_and_grad_f64,
+        Activation::GeluTanh => gelu_tanh_and_grad_f64,
+    };
+    gate.iter().zip(up).map(|(g, u)| f(*g).0 * u).collect()
+}
+
+/// (d gate, d up) for `dy`: `dy ⊙ up ⊙ act'(gate)` and `dy ⊙ act(gate)`.
+fn gated_bwd_f32(act: Activation, gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    fn run(
+        f: impl Fn(f32) -> (f32, f32) + Sync,
+        gate: &[f32],
+        up: &[f32],
+        dy: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut dg = vec![0f32; gate.len()];
+        let mut du = vec![0f32; gate.len()];
+        const C: usize = 1 << 14;
+        dg.par_chunks_mut(C)
+            .zip(du.par_chunks_mut(C))
+            .zip(
+                gate.par_chunks(C)
+                    .zip(up.par_chunks(C))
+                    .zip(dy.par_chunks(C)),
+            )
+            .for_each(|((dg, du), ((g, u), dy))| {
+                for i in 0..g
+                    .len()
+                    .min(dg.len())
+                    .min(du.len())
+                    .min(u.len())
+                    .min(dy.len())
+                {
+                    let (a, da) = f(g[i]);
+                    dg[i] = dy[i] * u[i] * da;
+                    du[i] = dy[i] * a;
+                }
+            });
+        (dg, du)
+    }
+    match act {
+        Activation::Silu => run(silu_and_grad_f32, gate, up, dy),
+        Activation::GeluTanh => run(gelu_tanh_and_grad_f32, gate, up, dy),
+    }
+}
+
+fn gated_bwd_f64(act: Activation, gate: &[f64], up: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let f = match act {
+        Activation::Silu => silu_and_grad_f64,
+        Activation::GeluTanh => gelu_tanh_and_grad_f64,
+    };
+    (0..gate.len())
+        .map(|i| {
+            let (a, da) = f(gate[i]);
+            (dy[i] * up[i] * da, dy[i] * a)
+        })
+        .unzip()
+}
+
+/// The contiguous elements of a CPU tensor, borrowed for `f`.
+fn with_cpu_slice<T: WithDType, R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> CResult<R>,
+) -> CResult<R> {
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*s else {
+        candle_core::bail!("{op}: expected a cpu tensor")
+    };
+    f(contiguous_slice::<T>(s, l, op)?)
+}
+
+/// (d gate, d up) as tensors of `gate`'s shape, from CPU tensors.
+fn gated_bwd<T: WithDType>(
+    gate: &Tensor,
+    up: &Tensor,
+    dy: &Tensor,
+    kernel: fn(Activation, &[T], &[T], &[T]) -> (Vec<T>, Vec<T>),
+    act: Activation,
+) -> CResult<(Tensor, Tensor)> {
+    let op = "gated_act backward";
+    let (dg, du) = with_cpu_slice::<T, _>(gate, op, |g| {
+        with_cpu_slice::<T, _>(up, op, |u| {
+            with_cpu_slice::<T, _>(dy, op, |d| Ok(kernel(act, g, u, d)))
+        })
+    })?;
+    let (shape, dev) = (gate.shape(), gate.device());
+    Ok((
+        Tensor::from_vec(dg, shape, dev)?,
+        Tensor::from_vec(du, shape, dev)?,
+    ))
+}
+
+impl CustomOp2 for GatedAct {
+    fn name(&self) -> &'static str {
+        "ftbench-gated-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        if gl.dims() != ul.dims() {
+            candle_core::bail!("gated_act: gate {:?} vs up {:?}", gl.dims(), ul.dims());
+        }
+        let y = match gs.dtype() {
+            DType::F32 => CpuStorage::F32(gated_fwd_f32(
+                self.act,
+                contiguous_slice(gs, gl, "gated_act")?,
+                contiguous_slice(us, ul, "gated_act")?,
+            )),
+            DType::F64 => CpuStorage::F64(gated_fwd_f64(
+                self.act,
+                contiguous_slice(gs, gl, "gated_act")?,
+                contiguous_slice(us, ul, "gated_act")?,
+            )),
+            dt => candle_core::bail!("gated_act: unsupported dtype {dt:?} (expected f32 or f64)"),
+        };
+        Ok((y, gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (gate, up, dy) = (gate.contiguous()?, up.contiguous()?, dy.contiguous()?);
+        let (dg, du) = match gate.dtype() {
+            DType::F32 => gated_bwd(&gate, &up, &dy, gated_bwd_f32, self.act)?,
+            DType::F64 => gated_bwd(&gate, &up, &dy, gated_bwd_f64, self.act)?,
+            dt => candle_core::bail!("gated_act: unsupported dtype {dt:?} (expected f32 or f64)"),
+        };
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// `act(gate) ⊙ up` with backward; SiLU or tanh-GELU (`hidden_act`).
+pub fn gated_act(gate: &Tensor, up: &Tensor, act: Activation) -> CResult<Tensor> {
+    if !gate.device().is_cpu() {
+        return gated_act_composed(gate, up, act);
+    }
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, GatedAct { act })
+}
+
+/// [`gated_act`] as differentiable candle ops (non-CPU devices, and the tests' reference).
+pub fn gated_act_composed(gate: &Tensor, up: &Tensor, act: Activation) -> CResult<Tensor> {
+    let a = match act {
+        Activation::Silu => candle_nn::ops::silu(gate)?,
+        Activation::GeluTanh => gate.gelu()?,
+    };
+    a * up
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1347,5 +1642,68 @@ mod tests {
             },
             1e-10,
         );
+    }
+
+    #[test]
+    fn gated_act_matches_composed_ops() {
+        // candle's GELU backward writes its constants to 6 digits, hence the looser tolerance
+        for (act, tol) in [(Activation::Silu, 1e-10), (Activation::GeluTanh, 1e-6)] {
+            let g = (randn(&[2, 3, 40], 41) * 4.0).unwrap();
+            let u = randn(&[2, 3, 40], 42);
+            check_against_composed(
+                &[g, u],
+                move |v| gated_act(&v[0], &v[1], act).unwrap(),
+                move |v| gated_act_composed(&v[0], &v[1], act).unwrap(),
+                tol,
+            );
+        }
+    }
+
+    #[test]
+    fn activation_derivatives_match_finite_differences() {
+        for (name, f) in [
+            ("silu", silu_and_grad_f64 as fn(f64) -> (f64, f64)),
+            ("gelu_tanh", gelu_tanh_and_grad_f64),
+        ] {
+            for i in 0..=400 {
+                let g = (i as f64 - 200.0) / 20.0;
+                let h = 1e-5;
+                let numeric = (f(g + h).0 - f(g - h).0) / (2.0 * h);
+                let (_, analytic) = f(g);
+                assert!(
+                    (numeric - analytic).abs() < 1e-8,
+                    "{name}'({g}): {analytic} vs {numeric}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gated_act_f32_kernel_matches_f64() {
+        // the f32 kernel uses fast_exp; against the f64 kernel over a wide range of inputs
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let g: Vec<f64> = (0..4001).map(|i| (i as f64 - 2000.0) / 100.0).collect();
+            let u: Vec<f64> = g.iter().map(|v| 1.0 - v / 40.0).collect();
+            let dy: Vec<f64> = g.iter().map(|v| 0.5 + v / 80.0).collect();
+            let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            let y64 = gated_fwd_f64(act, &g, &u);
+            let y32 = gated_fwd_f32(act, &f(&g), &f(&u));
+            let (dg64, du64) = gated_bwd_f64(act, &g, &u, &dy);
+            let (dg32, du32) = gated_bwd_f32(act, &f(&g), &f(&u), &f(&dy));
+            for i in 0..g.len() {
+                for (name, a, b) in [
+                    ("y", y32[i], y64[i]),
+                    ("dgate", dg32[i], dg64[i]),
+                    ("dup", du32[i], du64[i]),
+                ] {
+                    let err = (a as f64 - b).abs();
+                    assert!(
+                        err <= 2e-6 * (1.0 + b.abs()),
+                        "{act:?} {name} at g = {}: {a} vs {b}",
+                        g[i]
+                    );
+                }
+            }
+        }
     }
 }

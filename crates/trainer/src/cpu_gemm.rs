@@ -1,0 +1,332 @@
+//! The CPU matrix product behind the fused LoRA layer: `C = (accumulate ? C : 0) + alpha·A·B`
+//! on strided row-major buffers.
+//!
+//! Default build: the `gemm` crate (the kernel candle itself uses, with its AVX-512 kernels
+//! turned on by this workspace). With the `mkl` feature: Intel MKL's `cblas_sgemm` /
+//! `cblas_dgemm`, the same library candle's own products then call, so that every large
+//! product of a training step runs on one kernel; other dtypes stay on the `gemm` crate.
+
+use candle_core::WithDType;
+
+/// Which library runs the CPU products of this build, for run records.
+pub fn backend() -> &'static str {
+    if cfg!(feature = "mkl") {
+        "mkl"
+    } else {
+        "gemm"
+    }
+}
+
+/// Sets the threads of the CPU product library where it keeps its own pool (MKL's OpenMP
+/// threads); the `gemm` crate uses rayon's pool, set by the caller.
+pub fn set_threads(n: usize) {
+    #[cfg(feature = "mkl")]
+    mkl::set_threads(n);
+    #[cfg(not(feature = "mkl"))]
+    let _ = n;
+}
+
+/// `C = (accumulate ? C : 0) + alpha · A B` with `A: [m, k]`, `B: [k, n]`, `C: [m, n]`
+/// (row-major, contiguous); each operand's strides are given as (row stride, column stride)
+/// in elements, so a transposed view is passed by swapping them.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [T],
+    accumulate: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    alpha: f64,
+) {
+    assert!(
+        c.len() >= m * n,
+        "gemm: destination holds {} < {m}x{n}",
+        c.len()
+    );
+    assert!(
+        m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs,
+        "gemm: left operand too short"
+    );
+    assert!(
+        n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
+        "gemm: right operand too short"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(feature = "mkl")]
+    if mkl::try_gemm(
+        (m, n, k),
+        c,
+        accumulate,
+        a,
+        (a_rs, a_cs),
+        b,
+        (b_rs, b_cs),
+        alpha,
+    ) {
+        return;
+    }
+    gemm_crate(
+        (m, n, k),
+        c,
+        accumulate,
+        a,
+        (a_rs, a_cs),
+        b,
+        (b_rs, b_cs),
+        alpha,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_crate<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [T],
+    accumulate: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    alpha: f64,
+) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k > 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the three buffers hold the strided matrices (checked by `gemm` above), and `c`
+    // does not alias `a` or `b` (one is borrowed mutably, the others shared).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            T::from_f64(1.0),
+            T::from_f64(alpha),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+#[cfg(feature = "mkl")]
+mod mkl {
+    use candle_core::{DType, WithDType};
+
+    // CBLAS constants (mkl_cblas.h) and the LP64 interface (32-bit integers).
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+
+    extern "C" {
+        fn cblas_sgemm(
+            layout: i32,
+            ta: i32,
+            tb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+        fn cblas_dgemm(
+            layout: i32,
+            ta: i32,
+            tb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f64,
+            a: *const f64,
+            lda: i32,
+            b: *const f64,
+            ldb: i32,
+            beta: f64,
+            c: *mut f64,
+            ldc: i32,
+        );
+        fn MKL_Set_Num_Threads(n: i32);
+    }
+
+    pub fn set_threads(n: usize) {
+        // SAFETY: sets a process-wide MKL setting; no pointers involved.
+        unsafe { MKL_Set_Num_Threads(n.max(1).min(i32::MAX as usize) as i32) }
+    }
+
+    /// A `rows x cols` operand with strides (rs, cs) as a CBLAS (transpose, leading
+    /// dimension) pair, when one of its strides is 1.
+    fn cblas_operand((rows, cols): (usize, usize), (rs, cs): (usize, usize)) -> Option<(i32, i32)> {
+        let ld = |v: usize| i32::try_from(v.max(1)).ok();
+        if cs == 1 || cols == 1 {
+            Some((NO_TRANS, ld(if rows == 1 { cols } else { rs.max(cols) })?))
+        } else if rs == 1 || rows == 1 {
+            Some((TRANS, ld(if cols == 1 { rows } else { cs.max(rows) })?))
+        } else {
+            None
+        }
+    }
+
+    /// Runs the product on MKL when the dtype and strides allow; false leaves it to the caller.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_gemm<T: WithDType>(
+        (m, n, k): (usize, usize, usize),
+        c: &mut [T],
+        accumulate: bool,
+        a: &[T],
+        a_strides: (usize, usize),
+        b: &[T],
+        b_strides: (usize, usize),
+        alpha: f64,
+    ) -> bool {
+        let (Some((ta, lda)), Some((tb, ldb))) = (
+            cblas_operand((m, k), a_strides),
+            cblas_operand((k, n), b_strides),
+        ) else {
+            return false;
+        };
+        let (Ok(mi), Ok(ni), Ok(ki)) = (i32::try_from(m), i32::try_from(n), i32::try_from(k))
+        else {
+            return false;
+        };
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        // SAFETY: the operands' extents were checked by the caller for these strides, the
+        // leading dimensions cover each row, and with beta = 0 BLAS does not read `c`.
+        match T::DTYPE {
+            DType::F32 => unsafe {
+                cblas_sgemm(
+                    ROW_MAJOR,
+                    ta,
+                    tb,
+                    mi,
+                    ni,
+                    ki,
+                    alpha as f32,
+                    a.as_ptr() as *const f32,
+                    lda,
+                    b.as_ptr() as *const f32,
+                    ldb,
+                    beta as f32,
+                    c.as_mut_ptr() as *mut f32,
+                    ni,
+                )
+            },
+            DType::F64 => unsafe {
+                cblas_dgemm(
+                    ROW_MAJOR,
+                    ta,
+                    tb,
+                    mi,
+                    ni,
+                    ki,
+                    alpha,
+                    a.as_ptr() as *const f64,
+                    lda,
+                    b.as_ptr() as *const f64,
+                    ldb,
+                    beta,
+                    c.as_mut_ptr() as *mut f64,
+                    ni,
+                )
+            },
+            _ => return false,
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Naive triple loop, the reference for every stride combination the layer uses.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        (m, n, k): (usize, usize, usize),
+        c: &mut [f64],
+        accumulate: bool,
+        a: &[f64],
+        (a_rs, a_cs): (usize, usize),
+        b: &[f64],
+        (b_rs, b_cs): (usize, usize),
+        alpha: f64,
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|p| a[i * a_rs + p * a_cs] * b[p * b_rs + j * b_cs])
+                    .sum();
+                c[i * n + j] = if accumulate { c[i * n + j] } else { 0.0 } + alpha * dot;
+            }
+        }
+    }
+
+    #[test]
+    fn strided_products_match_a_triple_loop() {
+        let vals = |len: usize, seed: usize| -> Vec<f64> {
+            (0..len)
+                .map(|i| (((i * 7919 + seed * 104_729) % 211) as f64 - 105.0) / 37.0)
+                .collect()
+        };
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (70, 33, 129),
+            (1, 17, 9),
+            (9, 1, 17),
+            (16, 16, 1),
+        ] {
+            for a_t in [false, true] {
+                for b_t in [false, true] {
+                    for accumulate in [false, true] {
+                        let a = vals(m * k, 1);
+                        let b = vals(k * n, 2);
+                        let a_s = if a_t { (1, m) } else { (k, 1) };
+                        let b_s = if b_t { (1, k) } else { (n, 1) };
+                        let mut want = vals(m * n, 3);
+                        let mut got64 = want.clone();
+                        let mut got32: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+                        reference((m, n, k), &mut want, accumulate, &a, a_s, &b, b_s, 0.5);
+                        gemm((m, n, k), &mut got64, accumulate, &a, a_s, &b, b_s, 0.5);
+                        let a32: Vec<f32> = a.iter().map(|&v| v as f32).collect();
+                        let b32: Vec<f32> = b.iter().map(|&v| v as f32).collect();
+                        gemm((m, n, k), &mut got32, accumulate, &a32, a_s, &b32, b_s, 0.5);
+                        for i in 0..m * n {
+                            let tol = 1e-9 * (1.0 + want[i].abs());
+                            assert!(
+                                (got64[i] - want[i]).abs() < tol,
+                                "f64 {m}x{n}x{k} a_t {a_t} b_t {b_t} acc {accumulate} at {i}"
+                            );
+                            let tol32 = 1e-4 * (1.0 + want[i].abs()) * (k as f64).sqrt();
+                            assert!(
+                                (got32[i] as f64 - want[i]).abs() < tol32,
+                                "f32 {m}x{n}x{k} a_t {a_t} b_t {b_t} acc {accumulate} at {i}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
