@@ -10,7 +10,7 @@ use ftbench_trainer::device::device_name;
 use ftbench_trainer::fused_lora::{self, uniform};
 use ftbench_trainer::lora::{LoraConfig, LoraKernel, TargetModules};
 use ftbench_trainer::model::{random_weights, Decoder, QuantWeights, TrainMode, Weights};
-use ftbench_trainer::quant::weight::{nf4_projections, projection_names};
+use ftbench_trainer::quant::weight::{bf16_projections, nf4_projections, projection_names};
 use ftbench_trainer::quant::QuantWeight;
 use ftbench_trainer::train::{self, Optim, TrainConfig};
 use serde_json::json;
@@ -39,6 +39,10 @@ pub struct BenchTrainArgs {
     /// quantization) or a GGUF block type (q4k, q5k, q6k, q8_0, q4_0, q5_0)
     #[arg(long, default_value = "nf4")]
     pub quant: String,
+    /// With --mode lora: the frozen base's dtype, f32 or bf16 (products in bf16 with f32
+    /// accumulation; on AMX with an MKL build). Adapters and optimizer state stay f32.
+    #[arg(long, default_value = "f32")]
+    pub base_dtype: String,
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
     #[arg(long, default_value_t = 256)]
@@ -147,10 +151,23 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
             a.quant, a.mode
         ));
     }
+    let bf16_base = match a.base_dtype.as_str() {
+        "f32" => false,
+        "bf16" if a.mode == "lora" => true,
+        "bf16" => {
+            return Err(format!(
+                "--base-dtype bf16: only with --mode lora (found --mode {})",
+                a.mode
+            ))
+        }
+        other => return Err(format!("--base-dtype {other}: expected f32 or bf16")),
+    };
     let device = open_device("--device", &a.device)?;
     let mut weights = random_weights(&config, 0, &device).ctx()?;
     let quantized = if a.mode == "qlora" {
         quantize_projections(&mut weights, &a.quant)?
+    } else if bf16_base {
+        bf16_projections(&mut weights).ctx()?
     } else {
         QuantWeights::new()
     };
@@ -230,7 +247,8 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
         "seq": a.seq,
         "threads": threads,
         "lora_rank": (a.mode != "full").then_some(a.rank),
-        "base_format": if a.mode == "qlora" { a.quant.as_str() } else { "f32" },
+        "base_format": if a.mode == "qlora" { a.quant.as_str() } else { a.base_dtype.as_str() },
+        "cpu_gemm": ftbench_trainer::cpu_gemm::backend(),
         "base_linear_formats": base_formats,
         "base_linear_parameters": base_params,
         "base_linear_bytes": base_bytes,

@@ -43,7 +43,7 @@ pub struct ModelArgs {
 }
 
 fn parse_quantization(s: &str) -> Result<Quantization, String> {
-    Quantization::parse(s).ok_or_else(|| format!("expected none, nf4 or keep, found `{s}`"))
+    Quantization::parse(s).ok_or_else(|| format!("expected none, nf4, keep or bf16, found `{s}`"))
 }
 
 /// Loads the base model and, when given, the adapter on top.

@@ -5,8 +5,14 @@
 //! turned on by this workspace). With the `mkl` feature: Intel MKL's `cblas_sgemm` /
 //! `cblas_dgemm`, the same library candle's own products then call, so that every large
 //! product of a training step runs on one kernel; other dtypes stay on the `gemm` crate.
+//!
+//! [`gemm_bf16`] multiplies bf16 operands into an f32 result (f32 accumulation), for a frozen
+//! base held in bf16: MKL's `cblas_gemm_bf16bf16f32`, which runs on AMX tiles where the CPU
+//! has them; without MKL the operands are widened to f32 and multiplied as above.
 
 use candle_core::WithDType;
+use half::bf16;
+use rayon::prelude::*;
 
 /// Which library runs the CPU products of this build, for run records.
 pub fn backend() -> &'static str {
@@ -77,6 +83,71 @@ pub fn gemm<T: WithDType>(
         (a_rs, a_cs),
         b,
         (b_rs, b_cs),
+        alpha,
+    )
+}
+
+/// `x` rounded to bf16 (nearest, ties to even), in parallel.
+pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    use half::slice::HalfFloatSliceExt;
+    let mut out = vec![bf16::ZERO; x.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(o, x)| o.convert_from_f32_slice(x));
+    out
+}
+
+/// `x` widened to f32, in parallel.
+pub fn bf16_to_f32(x: &[bf16]) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(o, x)| x.convert_to_f32_slice(o));
+    out
+}
+
+/// As [`gemm`] for bf16 operands and an f32 destination, products accumulated in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+    a: &[bf16],
+    a_strides: (usize, usize),
+    b: &[bf16],
+    b_strides: (usize, usize),
+    alpha: f64,
+) {
+    assert!(
+        c.len() >= m * n,
+        "gemm_bf16: destination holds {} < {m}x{n}",
+        c.len()
+    );
+    assert!(
+        m == 0 || k == 0 || a.len() > (m - 1) * a_strides.0 + (k - 1) * a_strides.1,
+        "gemm_bf16: left operand too short"
+    );
+    assert!(
+        n == 0 || k == 0 || b.len() > (k - 1) * b_strides.0 + (n - 1) * b_strides.1,
+        "gemm_bf16: right operand too short"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(feature = "mkl")]
+    if mkl::try_gemm_bf16((m, n, k), c, accumulate, a, a_strides, b, b_strides, alpha) {
+        return;
+    }
+    let (a, b) = (bf16_to_f32(a), bf16_to_f32(b));
+    gemm(
+        (m, n, k),
+        c,
+        accumulate,
+        &a,
+        a_strides,
+        &b,
+        b_strides,
         alpha,
     )
 }
@@ -167,7 +238,68 @@ mod mkl {
             c: *mut f64,
             ldc: i32,
         );
+        fn cblas_gemm_bf16bf16f32(
+            layout: i32,
+            ta: i32,
+            tb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const u16,
+            lda: i32,
+            b: *const u16,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
         fn MKL_Set_Num_Threads(n: i32);
+    }
+
+    /// [`super::gemm_bf16`] on MKL; false when the strides do not fit CBLAS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_gemm_bf16(
+        (m, n, k): (usize, usize, usize),
+        c: &mut [f32],
+        accumulate: bool,
+        a: &[half::bf16],
+        a_strides: (usize, usize),
+        b: &[half::bf16],
+        b_strides: (usize, usize),
+        alpha: f64,
+    ) -> bool {
+        let (Some((ta, lda)), Some((tb, ldb))) = (
+            cblas_operand((m, k), a_strides),
+            cblas_operand((k, n), b_strides),
+        ) else {
+            return false;
+        };
+        let (Ok(mi), Ok(ni), Ok(ki)) = (i32::try_from(m), i32::try_from(n), i32::try_from(k))
+        else {
+            return false;
+        };
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        // SAFETY: as in `try_gemm`; `half::bf16` is a transparent u16, MKL's MKL_BF16.
+        unsafe {
+            cblas_gemm_bf16bf16f32(
+                ROW_MAJOR,
+                ta,
+                tb,
+                mi,
+                ni,
+                ki,
+                alpha as f32,
+                a.as_ptr() as *const u16,
+                lda,
+                b.as_ptr() as *const u16,
+                ldb,
+                beta,
+                c.as_mut_ptr(),
+                ni,
+            )
+        };
+        true
     }
 
     pub fn set_threads(n: usize) {
@@ -328,5 +460,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bf16_products_match_f32_products_of_the_same_values() {
+        // operands exactly representable in bf16, so both products see the same numbers
+        let vals = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 7919 + seed * 104_729) % 211) as f32 - 105.0) / 64.0)
+                .collect()
+        };
+        for &(m, n, k) in &[(1, 1, 1), (5, 3, 7), (96, 130, 72)] {
+            for (a_t, b_t) in [(false, false), (false, true), (true, false)] {
+                for accumulate in [false, true] {
+                    let a = vals(m * k, 1);
+                    let b = vals(k * n, 2);
+                    let a_s = if a_t { (1, m) } else { (k, 1) };
+                    let b_s = if b_t { (1, k) } else { (n, 1) };
+                    let mut want = vals(m * n, 3);
+                    let mut got = want.clone();
+                    gemm((m, n, k), &mut want, accumulate, &a, a_s, &b, b_s, 0.5);
+                    let (ab, bb) = (to_bf16(&a), to_bf16(&b));
+                    assert_eq!(bf16_to_f32(&ab), a);
+                    gemm_bf16((m, n, k), &mut got, accumulate, &ab, a_s, &bb, b_s, 0.5);
+                    for i in 0..m * n {
+                        let tol = 1e-5 * (1.0 + want[i].abs());
+                        assert!(
+                            (got[i] - want[i]).abs() < tol,
+                            "{m}x{n}x{k} at {i}: {} vs {}",
+                            got[i],
+                            want[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn to_bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 lies halfway between bf16 neighbours 1 and 1 + 2^-7: ties go to even (1)
+        let x = [1.0f32, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5e-3];
+        let y = bf16_to_f32(&to_bf16(&x));
+        assert_eq!(y[0], 1.0);
+        assert_eq!(y[1], 1.0);
+        assert_eq!(y[2], 1.0 + 4.0 / 256.0);
+        assert!((y[3] + 2.5e-3).abs() < 2.5e-3 / 128.0);
     }
 }

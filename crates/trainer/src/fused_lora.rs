@@ -252,19 +252,7 @@ impl FusedLora {
         );
         // y = x Wᵀ, then y += scaling · s Bᵀ in the same buffer
         let mut y = vec![T::zero(); n * out_f];
-        let w = self.w.get(&candle_core::Device::Cpu, T::DTYPE)?;
-        with_cpu_slice::<T, _>(&w, |w| {
-            gemm(
-                (n, out_f, in_f),
-                &mut y,
-                false,
-                x,
-                (in_f, 1),
-                w,
-                (1, in_f),
-                1.0,
-            )
-        })?;
+        self.base_product_cpu(x, (in_f, 1), &mut y, (n, out_f, in_f), (1, in_f))?;
         gemm(
             (n, out_f, r),
             &mut y,
@@ -276,6 +264,34 @@ impl FusedLora {
             self.scaling,
         );
         Ok((y, s))
+    }
+
+    /// `c = lhs · op(W)` on the cpu for `lhs: [m, k]` (strides `lhs_s`) and W seen through
+    /// strides `w_s` (`(1, in)`: `Wᵀ`, the forward; `(in, 1)`: `W`, the input gradient). A
+    /// bf16 base under an f32 input multiplies in bf16 with f32 accumulation; any other base
+    /// is used in `T` (a quantized one dequantized for this product only).
+    fn base_product_cpu<T: WithDType>(
+        &self,
+        lhs: &[T],
+        lhs_s: (usize, usize),
+        c: &mut [T],
+        (m, n, k): (usize, usize, usize),
+        w_s: (usize, usize),
+    ) -> CResult<()> {
+        if let (FrozenWeight::Quant(QuantWeight::Bf16(w)), DType::F32) = (&self.w, T::DTYPE) {
+            // SAFETY: T is f32 (its DType says so), so the slices are f32 slices.
+            let (lhs, c) = unsafe {
+                (
+                    std::slice::from_raw_parts(lhs.as_ptr() as *const f32, lhs.len()),
+                    std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, c.len()),
+                )
+            };
+            let lhs = crate::cpu_gemm::to_bf16(lhs);
+            crate::cpu_gemm::gemm_bf16((m, n, k), c, false, &lhs, lhs_s, &w.data, w_s, 1.0);
+            return Ok(());
+        }
+        let w = self.w.get(&candle_core::Device::Cpu, T::DTYPE)?;
+        with_cpu_slice::<T, _>(&w, |w| gemm((m, n, k), c, false, lhs, lhs_s, w, w_s, 1.0))
     }
 
     /// (dx, dA, dB) from CPU tensors.
@@ -337,19 +353,7 @@ impl FusedLora {
         );
         // dx = dy W, then + mask ⊙ (ds A)
         let mut dx = vec![T::zero(); n * in_f];
-        let w = self.w.get(&candle_core::Device::Cpu, T::DTYPE)?;
-        with_cpu_slice::<T, _>(&w, |w| {
-            gemm(
-                (n, in_f, out_f),
-                &mut dx,
-                false,
-                &dyv,
-                (out_f, 1),
-                w,
-                (in_f, 1),
-                1.0,
-            )
-        })?;
+        self.base_product_cpu(&dyv, (out_f, 1), &mut dx, (n, in_f, out_f), (in_f, 1))?;
         match &self.mask {
             None => gemm(
                 (n, in_f, r),

@@ -2,7 +2,7 @@
 //! a GGUF file (metadata to config, weights dequantized to f32, the embedded tokenizer).
 //! With [`Quantization::Keep`] a GGUF file's quantized projections and a bitsandbytes NF4
 //! checkpoint's weights stay quantized; with [`Quantization::Nf4`] dense projections are
-//! quantized to NF4 at load.
+//! quantized to NF4 at load, with [`Quantization::Bf16`] rounded to bf16.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +54,11 @@ pub fn load_with(spec: &str, device: &Device, quant: Quantization) -> Result<Loa
             ))
         }
         Quantization::Keep => {}
+        Quantization::Bf16 => {
+            let q = crate::quant::weight::bf16_projections(&mut m.weights)
+                .map_err(|e| Error::config("model.quantization", e.to_string()))?;
+            m.quantized.extend(q);
+        }
     }
     Ok(m)
 }

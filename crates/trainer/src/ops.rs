@@ -898,6 +898,20 @@ impl CustomOp1 for QuantLinear {
     // each forward dequantizes this layer's weight; the f32 copy is dropped with the product
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        if let (QuantWeight::Bf16(w), CpuStorage::F32(_)) = (&self.weight, s) {
+            if l.dims().last() != Some(&w.in_f) {
+                candle_core::bail!(
+                    "quant_linear: input {:?} for a weight of {} columns",
+                    l.dims(),
+                    w.in_f
+                );
+            }
+            let x = contiguous_slice::<f32>(s, l, "quant_linear")?;
+            let y = bf16_product(x, w, false)?;
+            let mut dims = l.dims().to_vec();
+            *dims.last_mut().expect("checked by bf16_product") = w.out_f;
+            return Ok((CpuStorage::F32(y), Shape::from(dims)));
+        }
         let w = self.weight.dequantize(&Device::Cpu)?;
         linear_with(s, l, &w, "quant_linear")
     }
@@ -923,10 +937,41 @@ impl CustomOp1 for QuantLinear {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        if let (QuantWeight::Bf16(w), true, DType::F32) =
+            (&self.weight, dy.device().is_cpu(), dy.dtype())
+        {
+            let dy = dy.contiguous()?;
+            let dx = with_cpu_slice::<f32, _>(&dy, "quant_linear backward", |d| {
+                bf16_product(d, w, true)
+            })?;
+            return Tensor::from_vec(dx, x.shape(), x.device()).map(Some);
+        }
         // dequantized again rather than kept from the forward: no f32 copy outlives a product
         let w = self.weight.dequantize(x.device())?;
         Ok(Some(linear_input_grad(dy, &w)?))
     }
+}
+
+/// `x Wᵀ` (`transpose` false, x: `[.., in]`) or `x W` (true, x: `[.., out]`) for a bf16
+/// `W: [out, in]`, in bf16 with f32 accumulation.
+fn bf16_product(
+    x: &[f32],
+    w: &crate::quant::weight::Bf16Weight,
+    transpose: bool,
+) -> CResult<Vec<f32>> {
+    let (k, n, w_s) = if transpose {
+        (w.out_f, w.in_f, (w.in_f, 1))
+    } else {
+        (w.in_f, w.out_f, (1, w.in_f))
+    };
+    if k == 0 || x.len() % k != 0 {
+        candle_core::bail!("quant_linear: input of {} values for rows of {k}", x.len());
+    }
+    let m = x.len() / k;
+    let mut y = vec![0f32; m * n];
+    let xb = crate::cpu_gemm::to_bf16(x);
+    crate::cpu_gemm::gemm_bf16((m, n, k), &mut y, false, &xb, (k, 1), &w.data, w_s, 1.0);
+    Ok(y)
 }
 
 /// `x Wᵀ` for a frozen quantized `W: [out, in]`: the forward dequantizes the layer (on the

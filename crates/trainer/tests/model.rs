@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use ftbench_trainer::config::ModelConfig;
 use ftbench_trainer::lora::{LoraConfig, TargetModules};
 use ftbench_trainer::model::{
@@ -14,6 +14,7 @@ use ftbench_trainer::model::{
 };
 use ftbench_trainer::ops;
 use ftbench_trainer::quant::nf4::Nf4Weight;
+use ftbench_trainer::quant::weight::Bf16Weight;
 use ftbench_trainer::quant::{is_quantizable, QuantWeight};
 use serde_json::json;
 
@@ -366,6 +367,14 @@ fn quantize(name: &str, w: &Tensor, format: &str) -> QuantWeight {
         "q4_0" => {
             QuantWeight::from_gguf(&QTensor::quantize(w, GgmlDType::Q4_0).unwrap(), None).unwrap()
         }
+        "bf16" => {
+            let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            QuantWeight::Bf16(Arc::new(Bf16Weight {
+                out_f: o,
+                in_f: i,
+                data: ftbench_trainer::cpu_gemm::to_bf16(&v),
+            }))
+        }
         _ => unreachable!(),
     }
 }
@@ -463,7 +472,7 @@ fn every_adapter_on_a_quantized_base_gets_a_gradient() {
     for fam in FAMILIES {
         let c = tiny_wide(fam);
         let w = random_weights(&c, 1, &Device::Cpu).unwrap();
-        for format in ["nf4", "q8_0"] {
+        for format in ["nf4", "q8_0", "bf16"] {
             let (dense, quant, _) = quantize_model(&w, format);
             let model = Decoder::with_quantized(
                 c.clone(),
@@ -543,46 +552,118 @@ fn fused_and_naive_lora_agree_on_a_quantized_base() {
     for fam in FAMILIES {
         let c = tiny_wide(fam);
         let w = random_weights(&c, 4, &Device::Cpu).unwrap();
-        let (dense, quant, _) = quantize_model(&w, "nf4");
-        let run = |kernel: LoraKernel| {
-            let cfg = LoraConfig {
-                kernel,
-                ..all_linear()
-            };
-            let model = Decoder::with_quantized(
-                c.clone(),
-                dense.clone(),
-                quant.clone(),
-                TrainMode::Lora(cfg),
-                2,
-                &Device::Cpu,
-            )
-            .unwrap();
-            for (i, (_, ad)) in model.adapters().into_iter().enumerate() {
-                let n = ad.b.as_tensor().elem_count();
-                let v: Vec<f32> = (0..n)
-                    .map(|j| ((i * 31 + j * 7) % 13) as f32 * 0.01 - 0.06)
-                    .collect();
-                ad.b.set(&Tensor::from_vec(v, ad.b.as_tensor().dims(), &Device::Cpu).unwrap())
-                    .unwrap();
-            }
-            loss_and_grads(&model, (1, 2), None, &format!("{fam} {kernel:?}"))
-        };
-        let (lf, gf) = run(LoraKernel::Fused);
-        let (ln, gn) = run(LoraKernel::Naive);
-        assert!((lf - ln).abs() < 1e-5, "{fam}: loss {lf} vs {ln}");
-        for (a, b) in gf.iter().zip(&gn) {
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
+        for format in ["nf4", "bf16"] {
+            let (dense, quant, _) = quantize_model(&w, format);
+            let run = |kernel: LoraKernel| {
+                let cfg = LoraConfig {
+                    kernel,
+                    ..all_linear()
+                };
+                let model = Decoder::with_quantized(
+                    c.clone(),
+                    dense.clone(),
+                    quant.clone(),
+                    TrainMode::Lora(cfg),
+                    2,
+                    &Device::Cpu,
+                )
                 .unwrap();
-            assert!(
-                max_diff(a, b) <= 1e-4 * scale.max(1e-3),
-                "{fam}: gradients differ"
-            );
+                for (i, (_, ad)) in model.adapters().into_iter().enumerate() {
+                    let n = ad.b.as_tensor().elem_count();
+                    let v: Vec<f32> = (0..n)
+                        .map(|j| ((i * 31 + j * 7) % 13) as f32 * 0.01 - 0.06)
+                        .collect();
+                    ad.b.set(&Tensor::from_vec(v, ad.b.as_tensor().dims(), &Device::Cpu).unwrap())
+                        .unwrap();
+                }
+                loss_and_grads(&model, (1, 2), None, &format!("{fam} {kernel:?}"))
+            };
+            let (lf, gf) = run(LoraKernel::Fused);
+            let (ln, gn) = run(LoraKernel::Naive);
+            assert!((lf - ln).abs() < 1e-5, "{fam}: loss {lf} vs {ln}");
+            for (a, b) in gf.iter().zip(&gn) {
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    max_diff(a, b) <= 1e-4 * scale.max(1e-3),
+                    "{fam} {format}: gradients differ"
+                );
+            }
         }
+    }
+}
+
+/// A bf16 base multiplies bf16-rounded activations by the bf16 weight with f32 accumulation:
+/// the same numbers as an f32 product of the rounded operands, forward and input gradient.
+#[test]
+fn bf16_linear_is_the_f32_product_of_bf16_rounded_operands() {
+    let dev = Device::Cpu;
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let w = Tensor::randn(0f32, 0.5, (96, 128), &dev).unwrap();
+    let q = quantize("w", &w, "bf16");
+    let wd = q.dequantize(&dev).unwrap();
+    assert_eq!(
+        max_diff(&wd, &round(&w)),
+        0.0,
+        "dequantized = rounded weight"
+    );
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 128), &dev).unwrap()).unwrap();
+    let dy = Tensor::randn(0f32, 1.0, (2, 5, 96), &dev).unwrap();
+    let y = ops::quant_linear(x.as_tensor(), &q).unwrap();
+    let y_ref = round(x.as_tensor())
+        .broadcast_matmul(&wd.t().unwrap())
+        .unwrap();
+    assert!(
+        max_diff(&y, &y_ref) < 1e-4,
+        "forward {}",
+        max_diff(&y, &y_ref)
+    );
+    let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = g.get(x.as_tensor()).expect("input gradient");
+    let dx_ref = round(&dy).broadcast_matmul(&wd).unwrap();
+    assert!(
+        max_diff(dx, &dx_ref) < 1e-4,
+        "input gradient {}",
+        max_diff(dx, &dx_ref)
+    );
+}
+
+/// A decoder on a bf16 base stays within bf16 rounding of the f32 decoder: logits within
+/// 2% of their range, and the bf16 base holds 2 bytes a parameter.
+#[test]
+fn bf16_decoder_is_close_to_the_f32_decoder() {
+    for fam in FAMILIES {
+        let c = tiny_wide(fam);
+        let w = random_weights(&c, 3, &Device::Cpu).unwrap();
+        let (dense, quant, _) = quantize_model(&w, "bf16");
+        let qm =
+            Decoder::with_quantized(c.clone(), dense, quant, TrainMode::Frozen, 0, &Device::Cpu)
+                .unwrap();
+        let (params, bytes) = qm.base_linear_footprint();
+        assert_eq!(bytes, 2 * params);
+        let dm = Decoder::new(c.clone(), w, TrainMode::Frozen, 0, &Device::Cpu).unwrap();
+        let x = ids(&c, 2, 7, 1);
+        let a = qm.forward_logits(&x, None).unwrap();
+        let b = dm.forward_logits(&x, None).unwrap();
+        let range = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let err = max_diff(&a, &b);
+        eprintln!("{fam}: bf16 base logits max |diff| {err:.3e} of max |logit| {range:.3e}");
+        assert!(err > 0.0 && err < 0.02 * range, "{fam}: {err} vs {range}");
     }
 }

@@ -23,6 +23,9 @@ pub enum Quantization {
     Nf4,
     /// As stored: a GGUF file's quantized tensors or a pre-quantized bitsandbytes checkpoint.
     Keep,
+    /// bfloat16, rounded at load (not a block format: 2 bytes a weight). On a build with MKL
+    /// the products multiply bf16 operands with f32 accumulation (AMX where the CPU has it).
+    Bf16,
 }
 
 impl Quantization {
@@ -31,6 +34,7 @@ impl Quantization {
             "none" => Some(Self::None),
             "nf4" => Some(Self::Nf4),
             "keep" => Some(Self::Keep),
+            "bf16" => Some(Self::Bf16),
             _ => None,
         }
     }
@@ -39,6 +43,7 @@ impl Quantization {
             Self::None => "none",
             Self::Nf4 => "nf4",
             Self::Keep => "keep",
+            Self::Bf16 => "bf16",
         }
     }
 }
@@ -82,10 +87,38 @@ pub fn nf4_projections(weights: &mut Weights) -> crate::Result<QuantWeights> {
     Ok(out)
 }
 
+/// Moves every projection of `weights` (see [`is_quantizable`]) into bf16, one at a time.
+pub fn bf16_projections(weights: &mut Weights) -> crate::Result<QuantWeights> {
+    let mut out = QuantWeights::new();
+    for name in projection_names(weights) {
+        let t = weights.remove(&name).expect("listed above");
+        let (out_f, in_f) = t.dims2()?;
+        let v = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        drop(t);
+        let data = crate::cpu_gemm::to_bf16(&v);
+        out.insert(
+            name,
+            QuantWeight::Bf16(Arc::new(Bf16Weight { out_f, in_f, data })),
+        );
+    }
+    Ok(out)
+}
+
+/// A `[out, in]` weight in bf16, row-major.
+pub struct Bf16Weight {
+    pub out_f: usize,
+    pub in_f: usize,
+    pub data: Vec<half::bf16>,
+}
+
 /// A quantized `[out, in]` weight.
 #[derive(Clone)]
 pub enum QuantWeight {
     Nf4(Arc<Nf4Weight>),
+    Bf16(Arc<Bf16Weight>),
     /// Row bands of a GGUF tensor (each a `QTensor` of whole rows), dequantized in parallel.
     Gguf {
         dtype: GgmlDType,
@@ -153,6 +186,7 @@ impl QuantWeight {
     pub fn dims(&self) -> (usize, usize) {
         match self {
             Self::Nf4(w) => (w.out_features, w.in_features),
+            Self::Bf16(w) => (w.out_f, w.in_f),
             Self::Gguf { dims, .. } => *dims,
         }
     }
@@ -161,6 +195,7 @@ impl QuantWeight {
     pub fn kind(&self) -> String {
         match self {
             Self::Nf4(_) => "nf4".into(),
+            Self::Bf16(_) => "bf16".into(),
             Self::Gguf { dtype, .. } => format!("{dtype:?}").to_lowercase(),
         }
     }
@@ -169,6 +204,7 @@ impl QuantWeight {
     pub fn storage_bytes(&self) -> usize {
         match self {
             Self::Nf4(w) => w.storage_bytes(),
+            Self::Bf16(w) => w.data.len() * 2,
             Self::Gguf { bands, .. } => bands.iter().map(|b| b.storage_size_in_bytes()).sum(),
         }
     }
@@ -187,6 +223,9 @@ impl QuantWeight {
                         w.dequantize_rows(r0..r0 + chunk.len() / in_f, chunk)
                     });
                 Tensor::from_vec(dst, (out_f, in_f), device)
+            }
+            Self::Bf16(w) => {
+                Tensor::from_vec(crate::cpu_gemm::bf16_to_f32(&w.data), (out_f, in_f), device)
             }
             Self::Gguf { bands, .. } => {
                 // bands in parallel, joined by one copy
