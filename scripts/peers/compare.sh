@@ -7,7 +7,9 @@
 #
 # Environment (defaults in brackets): THREADS [all cores], MODE [lora], BATCH [4], SEQ [256],
 # LAYERS [the preset's], PEER_DTYPE [f32; or bf16-autocast], PEER_ATTN [eager],
-# VENV [.venv-peers, made by scripts/peers/setup.sh], FTBENCH [target/release/ftbench].
+# VENV [.venv-peers, made by scripts/peers/setup.sh], FTBENCH [target/release/ftbench; an MKL
+# build is target/mkl/release/ftbench, made by scripts/build-mkl.sh], FTBENCH_ARGS [none; more
+# `bench train` flags for ftbench only, e.g. "--base-dtype bf16"].
 # Run it on an otherwise idle machine: the two runs are only comparable when nothing else
 # competes for the cores.
 set -euo pipefail
@@ -42,8 +44,9 @@ if [ -n "${LAYERS:-}" ]; then
     common+=(--layers "$LAYERS")
 fi
 
-echo "ftbench: ${common[*]}" >&2
-ours="$("$ftbench" bench train "${common[@]}")"
+echo "ftbench: ${common[*]} ${FTBENCH_ARGS:-}" >&2
+# shellcheck disable=SC2086 # FTBENCH_ARGS is split into flags on purpose
+ours="$("$ftbench" bench train "${common[@]}" ${FTBENCH_ARGS:-})"
 echo "$ours"
 
 echo "peer: ${common[*]} --dtype ${PEER_DTYPE:-f32} --attn ${PEER_ATTN:-eager}" >&2
@@ -64,6 +67,8 @@ summary = {
     "mode": ours["mode"],
     "threads": ours["threads"],
     "ftbench_dtype": ours["dtype"],
+    "ftbench_base_format": ours.get("base_format"),
+    "ftbench_cpu_gemm": ours.get("cpu_gemm"),
     "peer_dtype": peer["dtype"],
     "ftbench_median_s_per_step": ours["median_s_per_step"],
     "peer_median_s_per_step": peer["median_s_per_step"],

@@ -306,21 +306,26 @@ impl FusedLora {
     ) -> CResult<(Vec<T>, Vec<T>, Vec<T>)> {
         let Dims { n, in_f, r, out_f } = d;
         let sc = self.scaling;
-        let (dyv, sv, av, bv) = (
-            dy.flatten_all()?.to_vec1::<T>()?,
-            s.flatten_all()?.to_vec1::<T>()?,
-            a.flatten_all()?.to_vec1::<T>()?,
-            b.flatten_all()?.to_vec1::<T>()?,
-        );
+        // the operands borrowed in place (all contiguous: made so by `fused` and `bwd`)
+        let guards = [dy, s, a, b, x].map(|t| t.storage_and_layout());
+        let [dyv, sv, av, bv, xv] =
+            [(0, "dy"), (1, "s"), (2, "A"), (3, "B"), (4, "x")].map(|(i, what)| -> CResult<&[T]> {
+                let (st, l) = &guards[i];
+                let Storage::Cpu(st) = &**st else {
+                    candle_core::bail!("lora_linear: expected a cpu tensor")
+                };
+                cpu_slice::<T>(st, l, what)
+            });
+        let (dyv, sv, av, bv, xv) = (dyv?, sv?, av?, bv?, xv?);
         // ds = scaling · dy B: [n, out] x [out, r]; dB = scaling · dyᵀ s: [out, n] x [n, r]
         let mut ds = vec![T::zero(); n * r];
         gemm(
             (n, r, out_f),
             &mut ds,
             false,
-            &dyv,
+            dyv,
             (out_f, 1),
-            &bv,
+            bv,
             (r, 1),
             sc,
         );
@@ -329,17 +334,17 @@ impl FusedLora {
             (out_f, r, n),
             &mut db,
             false,
-            &dyv,
+            dyv,
             (1, out_f),
-            &sv,
+            sv,
             (r, 1),
             sc,
         );
-        // dA = dsᵀ xm: [r, n] x [n, in]; xm's buffer then takes ds A for the masked dx
-        let mut buf = with_cpu_slice::<T, _>(x, |xs| match &self.mask {
-            Some(m) => with_cpu_slice::<T, _>(m, |m| masked(xs, m)),
-            None => Ok(xs.to_vec()),
-        })??;
+        // dA = dsᵀ xm: [r, n] x [n, in]; with dropout, xm's buffer then takes ds A for dx
+        let mut buf = match &self.mask {
+            Some(m) => Some(with_cpu_slice::<T, _>(m, |m| masked(xv, m))?),
+            None => None,
+        };
         let mut da = vec![T::zero(); r * in_f];
         gemm(
             (r, in_f, n),
@@ -347,35 +352,18 @@ impl FusedLora {
             false,
             &ds,
             (1, r),
-            &buf,
+            buf.as_deref().unwrap_or(xv),
             (in_f, 1),
             1.0,
         );
         // dx = dy W, then + mask ⊙ (ds A)
         let mut dx = vec![T::zero(); n * in_f];
-        self.base_product_cpu(&dyv, (out_f, 1), &mut dx, (n, in_f, out_f), (in_f, 1))?;
+        self.base_product_cpu(dyv, (out_f, 1), &mut dx, (n, in_f, out_f), (in_f, 1))?;
         match &self.mask {
-            None => gemm(
-                (n, in_f, r),
-                &mut dx,
-                true,
-                &ds,
-                (r, 1),
-                &av,
-                (in_f, 1),
-                1.0,
-            ),
+            None => gemm((n, in_f, r), &mut dx, true, &ds, (r, 1), av, (in_f, 1), 1.0),
             Some(m) => {
-                gemm(
-                    (n, in_f, r),
-                    &mut buf,
-                    false,
-                    &ds,
-                    (r, 1),
-                    &av,
-                    (in_f, 1),
-                    1.0,
-                );
+                let buf = buf.as_mut().expect("made above when there is a mask");
+                gemm((n, in_f, r), buf, false, &ds, (r, 1), av, (in_f, 1), 1.0);
                 with_cpu_slice::<T, _>(m, |m| {
                     dx.par_chunks_mut(1 << 14)
                         .zip(buf.par_chunks(1 << 14).zip(m.par_chunks(1 << 14)))

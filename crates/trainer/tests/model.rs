@@ -581,6 +581,10 @@ fn fused_and_naive_lora_agree_on_a_quantized_base() {
             let (lf, gf) = run(LoraKernel::Fused);
             let (ln, gn) = run(LoraKernel::Naive);
             assert!((lf - ln).abs() < 1e-5, "{fam}: loss {lf} vs {ln}");
+            // a bf16 base rounds each product's input to bf16 (relative step 2^-8): the two
+            // kernels' f32 inputs differ in the last bits, which can flip a rounding, so their
+            // gradients agree to bf16 precision rather than f32's
+            let tol = if format == "bf16" { 1e-2 } else { 1e-4 };
             for (a, b) in gf.iter().zip(&gn) {
                 let scale = b
                     .abs()
@@ -589,9 +593,10 @@ fn fused_and_naive_lora_agree_on_a_quantized_base() {
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap();
+                let d = max_diff(a, b);
                 assert!(
-                    max_diff(a, b) <= 1e-4 * scale.max(1e-3),
-                    "{fam} {format}: gradients differ"
+                    d <= tol * scale.max(1e-3),
+                    "{fam} {format}: gradients differ by {d} (largest {scale})"
                 );
             }
         }
