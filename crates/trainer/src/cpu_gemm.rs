@@ -32,6 +32,23 @@ pub fn set_threads(n: usize) {
     let _ = n;
 }
 
+std::thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's products on one thread: for work that is already spread over
+/// the cores (one product per task), where a threaded product would oversubscribe them.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.with(|s| s.replace(true));
+    #[cfg(feature = "mkl")]
+    let mkl_before = mkl::set_local_threads(1);
+    let r = f();
+    #[cfg(feature = "mkl")]
+    mkl::set_local_threads(mkl_before);
+    SERIAL.with(|s| s.set(before));
+    r
+}
+
 /// `C = (accumulate ? C : 0) + alpha · A B` with `A: [m, k]`, `B: [k, n]`, `C: [m, n]`
 /// (row-major, contiguous); each operand's strides are given as (row stride, column stride)
 /// in elements, so a transposed view is passed by swapping them.
@@ -164,7 +181,7 @@ fn gemm_crate<T: WithDType>(
     alpha: f64,
 ) {
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k > 64 * 64 * 64 {
+    let par = if threads > 1 && m * n * k > 64 * 64 * 64 && !SERIAL.with(|s| s.get()) {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -255,6 +272,13 @@ mod mkl {
             ldc: i32,
         );
         fn MKL_Set_Num_Threads(n: i32);
+        fn MKL_Set_Num_Threads_Local(n: i32) -> i32;
+    }
+
+    /// Sets this thread's MKL threads (0: the global setting); returns the previous value.
+    pub fn set_local_threads(n: i32) -> i32 {
+        // SAFETY: a thread-local MKL setting; no pointers involved.
+        unsafe { MKL_Set_Num_Threads_Local(n) }
     }
 
     /// [`super::gemm_bf16`] on MKL; false when the strides do not fit CBLAS.

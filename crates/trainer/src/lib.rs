@@ -1,6 +1,7 @@
 //! ftbench's trainer: a decoder of its own for the Gemma 3 and Llama families that trains
 //! on candle, LoRA adapters with PEFT semantics and files, data loading and the training loop.
 
+pub mod attention;
 pub mod config;
 pub mod cpu_gemm;
 pub mod data;

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 
+use crate::attention;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::fused_lora::{self, LoraKernel};
@@ -801,24 +802,29 @@ impl Decoder {
                 cache.layers[l] = Some((k.clone(), v.clone()));
             }
             let total = past + t;
-            // grouped-query attention without repeating k/v: q as [b, nkv, groups·t, hd]
-            let qg = q.reshape((b, nkv, groups * t, hd))?;
-            let scores = qg.matmul(&k.t()?)?; // [b, nkv, g·t, total]
-            let window = if blk.sliding { c.sliding_window } else { None };
-            let probs = match c.attn_logit_softcapping {
-                // soft-capping comes between the scale and the mask
-                Some(cap) => {
-                    let capped = ((scores * (c.attention_scale() / cap))?.tanh()? * cap)?;
-                    ops::causal_softmax(&capped, 1.0, t, past, window)?
-                }
-                None => ops::causal_softmax(&scores, c.attention_scale(), t, past, window)?,
-            };
-            let attn = probs.matmul(&v)?; // [b, nkv, g·t, hd]
-            let attn = attn
-                .reshape((b, nh, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
             debug_assert_eq!(total, k.dims()[2]);
+            let window = if blk.sliding { c.sliding_window } else { None };
+            let attn = if past == 0 && c.attn_logit_softcapping.is_none() {
+                // one op: [b, t, nh·hd]
+                attention::causal_attention(&q, &k, &v, c.attention_scale(), window)?
+            } else {
+                // grouped-query attention without repeating k/v: q as [b, nkv, groups·t, hd]
+                let qg = q.reshape((b, nkv, groups * t, hd))?;
+                let scores = qg.matmul(&k.t()?)?; // [b, nkv, g·t, total]
+                let probs = match c.attn_logit_softcapping {
+                    // soft-capping comes between the scale and the mask
+                    Some(cap) => {
+                        let capped = ((scores * (c.attention_scale() / cap))?.tanh()? * cap)?;
+                        ops::causal_softmax(&capped, 1.0, t, past, window)?
+                    }
+                    None => ops::causal_softmax(&scores, c.attention_scale(), t, past, window)?,
+                };
+                probs
+                    .matmul(&v)? // [b, nkv, g·t, hd]
+                    .reshape((b, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b, t, nh * hd))?
+            };
             let mut a = blk.o_proj.forward(&attn, ctx)?;
             if let Some(n) = &blk.post_attention_norm {
                 a = n.forward(&a)?;

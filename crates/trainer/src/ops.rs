@@ -1010,7 +1010,7 @@ struct LmHeadLoss {
 /// `exp(x)` for f32 by range reduction to `[-ln2/2, ln2/2]` and a degree-6 polynomial
 /// (relative error below 2e-7); written so the compiler can vectorise loops over it.
 #[inline(always)]
-fn fast_exp(x: f32) -> f32 {
+pub(crate) fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // round to nearest by the 1.5·2^23 trick (no libm call, so the loop vectorises)
     let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
