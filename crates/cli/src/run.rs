@@ -467,6 +467,10 @@ fn train_into(
         "base_projections".into(),
         serde_json::json!(model.base_linear_formats()),
     );
+    record.extra.insert(
+        "cpu_gemm".into(),
+        serde_json::json!(ftbench_trainer::cpu_gemm::backend()),
+    );
     let (base_params, base_bytes) = model.base_linear_footprint();
     record.extra.insert(
         "base_projection_bytes".into(),

@@ -118,16 +118,8 @@ fn softmax_rows<T: WithDType>(p: &mut [T], t: usize, window: Option<usize>) {
         if T::DTYPE == DType::F32 {
             // SAFETY: T is f32 (its DType says so).
             let row = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut f32, t) };
-            let max = row[first..=last]
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in &mut row[first..=last] {
-                *v = crate::ops::fast_exp(*v - max);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
+            let max = crate::ops::max_f32(&row[first..=last]);
+            let inv = 1.0 / crate::ops::exp_shifted_sum(&mut row[first..=last], max);
             row[first..=last].iter_mut().for_each(|v| *v *= inv);
             row[..first].iter_mut().for_each(|v| *v = 0.0);
             row[last + 1..].iter_mut().for_each(|v| *v = 0.0);

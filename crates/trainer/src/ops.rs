@@ -1024,17 +1024,48 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
+/// Lanes for the reductions below: a float sum or max in one accumulator is a serial chain
+/// (the compiler keeps the order of float additions), in 16 it vectorises.
+const LANES: usize = 16;
+
+/// The largest element of `x` (-inf when empty).
+pub(crate) fn max_f32(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = a.max(*v);
+        }
+    }
+    rest.iter()
+        .chain(&acc)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Replaces each `v` by `exp(v - shift)` and returns their sum.
+pub(crate) fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+    for v in x.iter_mut() {
+        *v = fast_exp(*v - shift);
+    }
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += *v;
+        }
+    }
+    rest.iter().chain(&acc).sum()
+}
+
 /// One row of logits in place: returns the row's negative log-likelihood of `tgt` and
 /// replaces the logits by `scale · (softmax - onehot(tgt))`, the gradient of `scale · nll`.
 fn nll_and_grad_f32(row: &mut [f32], tgt: usize, scale: f32) -> f64 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max_f32(row);
     let target_logit = row[tgt];
-    let mut sum = 0.0f32;
-    for v in row.iter_mut() {
-        let e = fast_exp(*v - max);
-        *v = e;
-        sum += e;
-    }
+    let sum = exp_shifted_sum(row, max);
     let k = scale / sum;
     for v in row.iter_mut() {
         *v *= k;
@@ -1748,6 +1779,28 @@ mod tests {
                         g[i]
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn lane_reductions_match_serial_ones() {
+        for len in [0usize, 1, 15, 16, 17, 40, 1000] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let want_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_f32(&x), want_max, "max of {len}");
+            let mut y = x.clone();
+            let shift = if len == 0 { 0.0 } else { want_max };
+            let sum = exp_shifted_sum(&mut y, shift) as f64;
+            let want: f64 = x.iter().map(|&v| ((v - shift) as f64).exp()).sum();
+            assert!(
+                (sum - want).abs() <= 1e-5 * want.max(1.0),
+                "sum of {len}: {sum} vs {want}"
+            );
+            for (a, b) in y.iter().zip(&x) {
+                assert!((*a as f64 - ((b - shift) as f64).exp()).abs() < 1e-6);
             }
         }
     }
