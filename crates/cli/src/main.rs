@@ -81,6 +81,17 @@ fn main() -> ExitCode {
         // set before any candle op starts the pool; no other thread exists yet
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
     }
+    if ftbench_trainer::cpu_gemm::backend() == "mkl" {
+        // MKL's OpenMP threads spin, then yield, for 200 ms after each product, taking the
+        // cores from rayon's and candle's threads in between; sleeping at once measured 3.0 s
+        // against 3.1-3.4 s a step (`bench train --preset smollm-135m`, 2 threads)
+        for (key, value) in [("KMP_BLOCKTIME", "0"), ("KMP_LIBRARY", "throughput")] {
+            if std::env::var_os(key).is_none() {
+                // set before the OpenMP runtime starts; no other thread exists yet
+                std::env::set_var(key, value);
+            }
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
