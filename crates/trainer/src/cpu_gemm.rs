@@ -58,14 +58,42 @@ pub fn gemm<T: WithDType>(
     c: &mut [T],
     accumulate: bool,
     a: &[T],
+    a_strides: (usize, usize),
+    b: &[T],
+    b_strides: (usize, usize),
+    alpha: f64,
+) {
+    gemm_ldc(
+        (m, n, k),
+        c,
+        n,
+        accumulate,
+        a,
+        a_strides,
+        b,
+        b_strides,
+        alpha,
+    )
+}
+
+/// As [`gemm`] with C's rows `ldc` elements apart (`ldc >= n`): the product written into a
+/// block of a wider matrix.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_ldc<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [T],
+    ldc: usize,
+    accumulate: bool,
+    a: &[T],
     (a_rs, a_cs): (usize, usize),
     b: &[T],
     (b_rs, b_cs): (usize, usize),
     alpha: f64,
 ) {
+    assert!(ldc >= n, "gemm: row stride {ldc} < {n} columns");
     assert!(
-        c.len() >= m * n,
-        "gemm: destination holds {} < {m}x{n}",
+        m == 0 || c.len() >= (m - 1) * ldc + n,
+        "gemm: destination holds {} < {m}x{n} with row stride {ldc}",
         c.len()
     );
     assert!(
@@ -83,6 +111,7 @@ pub fn gemm<T: WithDType>(
     if mkl::try_gemm(
         (m, n, k),
         c,
+        ldc,
         accumulate,
         a,
         (a_rs, a_cs),
@@ -95,6 +124,7 @@ pub fn gemm<T: WithDType>(
     gemm_crate(
         (m, n, k),
         c,
+        ldc,
         accumulate,
         a,
         (a_rs, a_cs),
@@ -173,6 +203,7 @@ pub fn gemm_bf16(
 fn gemm_crate<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     c: &mut [T],
+    ldc: usize,
     accumulate: bool,
     a: &[T],
     (a_rs, a_cs): (usize, usize),
@@ -195,7 +226,7 @@ fn gemm_crate<T: WithDType>(
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             accumulate,
             a.as_ptr(),
             a_cs as isize,
@@ -293,13 +324,15 @@ mod mkl {
         b_strides: (usize, usize),
         alpha: f64,
     ) -> bool {
-        let (Some((ta, lda)), Some((tb, ldb))) = (
-            cblas_operand((m, k), a_strides),
-            cblas_operand((k, n), b_strides),
-        ) else {
-            return false;
-        };
-        let (Ok(mi), Ok(ni), Ok(ki)) = (i32::try_from(m), i32::try_from(n), i32::try_from(k))
+        let Some(Cblas {
+            ta,
+            lda,
+            tb,
+            ldb,
+            mi,
+            ni,
+            ki,
+        }) = cblas_args((m, n, k), a_strides, b_strides)
         else {
             return false;
         };
@@ -344,11 +377,43 @@ mod mkl {
         }
     }
 
+    /// The CBLAS arguments of a product.
+    struct Cblas {
+        ta: i32,
+        lda: i32,
+        tb: i32,
+        ldb: i32,
+        mi: i32,
+        ni: i32,
+        ki: i32,
+    }
+
+    /// The CBLAS arguments of `[m, k] x [k, n]` with these strides, when CBLAS can take them.
+    fn cblas_args(
+        (m, n, k): (usize, usize, usize),
+        a_strides: (usize, usize),
+        b_strides: (usize, usize),
+    ) -> Option<Cblas> {
+        let (ta, lda) = cblas_operand((m, k), a_strides)?;
+        let (tb, ldb) = cblas_operand((k, n), b_strides)?;
+        let int = |v: usize| i32::try_from(v).ok();
+        Some(Cblas {
+            ta,
+            lda,
+            tb,
+            ldb,
+            mi: int(m)?,
+            ni: int(n)?,
+            ki: int(k)?,
+        })
+    }
+
     /// Runs the product on MKL when the dtype and strides allow; false leaves it to the caller.
     #[allow(clippy::too_many_arguments)]
     pub fn try_gemm<T: WithDType>(
         (m, n, k): (usize, usize, usize),
         c: &mut [T],
+        ldc: usize,
         accumulate: bool,
         a: &[T],
         a_strides: (usize, usize),
@@ -356,14 +421,19 @@ mod mkl {
         b_strides: (usize, usize),
         alpha: f64,
     ) -> bool {
-        let (Some((ta, lda)), Some((tb, ldb))) = (
-            cblas_operand((m, k), a_strides),
-            cblas_operand((k, n), b_strides),
-        ) else {
+        let Some(Cblas {
+            ta,
+            lda,
+            tb,
+            ldb,
+            mi,
+            ni,
+            ki,
+        }) = cblas_args((m, n, k), a_strides, b_strides)
+        else {
             return false;
         };
-        let (Ok(mi), Ok(ni), Ok(ki)) = (i32::try_from(m), i32::try_from(n), i32::try_from(k))
-        else {
+        let Ok(ldc) = i32::try_from(ldc) else {
             return false;
         };
         let beta = if accumulate { 1.0 } else { 0.0 };
@@ -385,7 +455,7 @@ mod mkl {
                     ldb,
                     beta as f32,
                     c.as_mut_ptr() as *mut f32,
-                    ni,
+                    ldc,
                 )
             },
             DType::F64 => unsafe {
@@ -403,7 +473,7 @@ mod mkl {
                     ldb,
                     beta,
                     c.as_mut_ptr() as *mut f64,
-                    ni,
+                    ldc,
                 )
             },
             _ => return false,
@@ -481,6 +551,37 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_stride_writes_a_block_and_leaves_the_rest() {
+        // a 3x4 product into columns 2..6 of a 3x9 matrix
+        let a: Vec<f64> = (0..15).map(|i| i as f64 - 7.0).collect(); // [3, 5]
+        let b: Vec<f64> = (0..20).map(|i| (i % 7) as f64 * 0.5).collect(); // [5, 4]
+        let mut c = vec![-1.0f64; 27];
+        gemm_ldc(
+            (3, 4, 5),
+            &mut c[2..],
+            9,
+            false,
+            &a,
+            (5, 1),
+            &b,
+            (4, 1),
+            1.0,
+        );
+        let mut want = vec![0.0f64; 12];
+        reference((3, 4, 5), &mut want, false, &a, (5, 1), &b, (4, 1), 1.0);
+        for i in 0..3 {
+            for j in 0..9 {
+                let got = c[i * 9 + j];
+                if (2..6).contains(&j) {
+                    assert!((got - want[i * 4 + j - 2]).abs() < 1e-12, "({i}, {j})");
+                } else {
+                    assert_eq!(got, -1.0, "({i}, {j}) outside the block");
                 }
             }
         }

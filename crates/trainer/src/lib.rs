@@ -18,6 +18,9 @@ pub mod quant;
 pub mod tokenizer;
 pub mod train;
 
+#[cfg(test)]
+mod test_util;
+
 pub use config::{Family, ModelConfig};
 pub use device::DeviceSpec;
 pub use error::{Error, Result};

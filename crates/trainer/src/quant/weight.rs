@@ -69,9 +69,12 @@ pub fn projection_names(weights: &Weights) -> Vec<String> {
     names
 }
 
-/// Moves every projection of `weights` (see [`is_quantizable`]) into NF4 with double
-/// quantization, one weight at a time: QLoRA's frozen base.
-pub fn nf4_projections(weights: &mut Weights) -> crate::Result<QuantWeights> {
+/// Moves every projection of `weights` (see [`is_quantizable`]) into the form `hold` makes of
+/// its f32 values (`name, values, out, in`), one weight at a time.
+fn hold_projections(
+    weights: &mut Weights,
+    hold: impl Fn(&str, Vec<f32>, usize, usize) -> crate::Result<QuantWeight>,
+) -> crate::Result<QuantWeights> {
     let mut out = QuantWeights::new();
     for name in projection_names(weights) {
         let t = weights.remove(&name).expect("listed above");
@@ -81,30 +84,31 @@ pub fn nf4_projections(weights: &mut Weights) -> crate::Result<QuantWeights> {
             .flatten_all()?
             .to_vec1::<f32>()?;
         drop(t);
-        let q = Nf4Weight::quantize(&name, &v, out_f, in_f, true)?;
-        out.insert(name, QuantWeight::Nf4(Arc::new(q)));
+        let q = hold(&name, v, out_f, in_f)?;
+        out.insert(name, q);
     }
     Ok(out)
 }
 
+/// Moves every projection of `weights` (see [`is_quantizable`]) into NF4 with double
+/// quantization, one weight at a time: QLoRA's frozen base.
+pub fn nf4_projections(weights: &mut Weights) -> crate::Result<QuantWeights> {
+    hold_projections(weights, |name, v, out_f, in_f| {
+        let q = Nf4Weight::quantize(name, &v, out_f, in_f, true)?;
+        Ok(QuantWeight::Nf4(Arc::new(q)))
+    })
+}
+
 /// Moves every projection of `weights` (see [`is_quantizable`]) into bf16, one at a time.
 pub fn bf16_projections(weights: &mut Weights) -> crate::Result<QuantWeights> {
-    let mut out = QuantWeights::new();
-    for name in projection_names(weights) {
-        let t = weights.remove(&name).expect("listed above");
-        let (out_f, in_f) = t.dims2()?;
-        let v = t
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        drop(t);
+    hold_projections(weights, |_, v, out_f, in_f| {
         let data = crate::cpu_gemm::to_bf16(&v);
-        out.insert(
-            name,
-            QuantWeight::Bf16(Arc::new(Bf16Weight { out_f, in_f, data })),
-        );
-    }
-    Ok(out)
+        Ok(QuantWeight::Bf16(Arc::new(Bf16Weight {
+            out_f,
+            in_f,
+            data,
+        })))
+    })
 }
 
 /// A `[out, in]` weight in bf16, row-major.
