@@ -6,14 +6,16 @@
 #
 # usage: scripts/build-mkl.sh [extra cargo args, e.g. test -p ftbench-trainer --lib]
 #   FTBENCH_MKL_CACHE  where the wheels go (default ~/.cache/ftbench-mkl; about 1.3 GB)
-#   CARGO_TARGET_DIR   default target/mkl (apart from the default build's target/)
-# The first argument may be a cargo command (build, test); the default is `build --release
-# -p ftbench-cli`.
+#   FTBENCH_MKL_TARGET the cargo target folder (default target/mkl, apart from the default
+#                      build's target/; CARGO_TARGET_DIR is not used, so that the MKL build
+#                      never lands on the default one)
+# The first argument may be a cargo command (test, build, run, check, clippy, ...); without one
+# the script runs `cargo build --release -p ftbench-cli --features mkl`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${FTBENCH_MKL_CACHE:-$HOME/.cache/ftbench-mkl}
 venv=$cache/venv
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/mkl}
+export CARGO_TARGET_DIR=${FTBENCH_MKL_TARGET:-target/mkl}
 
 # 1. MKL's static libraries and headers
 if [[ ! -x $venv/bin/python ]]; then
@@ -37,7 +39,7 @@ export MKLROOT=$root
 # 3. build. intel-mkl-src's build script does not fail when it finds no MKL: it caches a
 #    build that then fails to link (undefined sgemm_). MKLROOT is always set here; after a
 #    build without it, run `cargo clean -p intel-mkl-src` in this target folder.
-if [[ $# -gt 0 && ( $1 == test || $1 == build || $1 == run ) ]]; then
+if [[ $# -gt 0 && $1 != -* ]]; then
   cmd=$1
   shift
   cargo "$cmd" --release --features ftbench-trainer/mkl "$@"

@@ -31,8 +31,12 @@ venv="${VENV:-$root/.venv-peers}"
 ftbench="${FTBENCH:-$root/target/release/ftbench}"
 
 if [ ! -x "$ftbench" ]; then
-    echo "compare.sh: $ftbench not found; build it with: cargo build --release -p ftbench-cli" >&2
+    echo "compare.sh: $ftbench not found; build it with: cargo build --release -p ftbench-cli (or scripts/build-mkl.sh for target/mkl/release/ftbench)" >&2
     exit 1
+fi
+if [ "$mode" != lora ] && [ "$mode" != full ]; then
+    echo "compare.sh: MODE=$mode: the peer runs lora or full" >&2
+    exit 2
 fi
 if [ ! -x "$venv/bin/python" ]; then
     echo "compare.sh: no Python environment at $venv; make it with: scripts/peers/setup.sh" >&2

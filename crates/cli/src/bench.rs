@@ -36,13 +36,13 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value = "lora")]
     pub mode: String,
     /// With --mode qlora: the base's format, nf4 (bitsandbytes NF4 with double
-    /// quantization) or a GGUF block type (q4k, q5k, q6k, q8_0, q4_0, q5_0)
-    #[arg(long, default_value = "nf4")]
-    pub quant: String,
-    /// With --mode lora: the frozen base's dtype, f32 or bf16 (products in bf16 with f32
-    /// accumulation; on AMX with an MKL build). Adapters and optimizer state stay f32.
-    #[arg(long, default_value = "f32")]
-    pub base_dtype: String,
+    /// quantization; the default) or a GGUF block type (q4k, q5k, q6k, q8_0, q4_0, q5_0)
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// With --mode lora: the frozen base's dtype, f32 (the default) or bf16 (products in bf16
+    /// with f32 accumulation; on AMX with an MKL build). Adapters and optimizer state stay f32.
+    #[arg(long)]
+    pub base_dtype: Option<String>,
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
     #[arg(long, default_value_t = 256)]
@@ -145,27 +145,30 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
         "full" => (TrainMode::Full, ftbench_meter::Trainable::Full),
         other => return Err(format!("--mode {other}: expected lora, qlora or full")),
     };
-    if a.mode != "qlora" && a.quant != "nf4" {
+    // a flag given for another mode is refused, whatever its value
+    if let (Some(q), false) = (&a.quant, a.mode == "qlora") {
         return Err(format!(
-            "--quant {}: only with --mode qlora (found --mode {})",
-            a.quant, a.mode
+            "--quant {q}: only with --mode qlora (found --mode {})",
+            a.mode
         ));
     }
-    let bf16_base = match a.base_dtype.as_str() {
+    let quant = a.quant.clone().unwrap_or_else(|| "nf4".into());
+    let base_dtype = a.base_dtype.clone().unwrap_or_else(|| "f32".into());
+    if a.base_dtype.is_some() && a.mode != "lora" {
+        return Err(format!(
+            "--base-dtype {base_dtype}: only with --mode lora (found --mode {})",
+            a.mode
+        ));
+    }
+    let bf16_base = match base_dtype.as_str() {
         "f32" => false,
-        "bf16" if a.mode == "lora" => true,
-        "bf16" => {
-            return Err(format!(
-                "--base-dtype bf16: only with --mode lora (found --mode {})",
-                a.mode
-            ))
-        }
+        "bf16" => true,
         other => return Err(format!("--base-dtype {other}: expected f32 or bf16")),
     };
     let device = open_device("--device", &a.device)?;
     let mut weights = random_weights(&config, 0, &device).ctx()?;
     let quantized = if a.mode == "qlora" {
-        quantize_projections(&mut weights, &a.quant)?
+        quantize_projections(&mut weights, &quant)?
     } else if bf16_base {
         bf16_projections(&mut weights).ctx()?
     } else {
@@ -247,7 +250,7 @@ fn bench_train(a: &BenchTrainArgs) -> CliResult<()> {
         "seq": a.seq,
         "threads": threads,
         "lora_rank": (a.mode != "full").then_some(a.rank),
-        "base_format": if a.mode == "qlora" { a.quant.as_str() } else { a.base_dtype.as_str() },
+        "base_format": if a.mode == "qlora" { quant.as_str() } else { base_dtype.as_str() },
         "cpu_gemm": ftbench_trainer::cpu_gemm::backend(),
         "base_linear_formats": base_formats,
         "base_linear_parameters": base_params,
@@ -497,7 +500,7 @@ pub struct SelftestArgs {
     /// cpu, cuda, cuda:N, metal or auto (the best one present)
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// f32, bf16 or f64; repeatable (default f32 and, off the CPU, bf16)
+    /// f32, bf16 or f64; repeatable (default: f32 and f64 on the cpu, f32 and bf16 elsewhere)
     #[arg(long = "dtype")]
     pub dtypes: Vec<String>,
     /// Write the results as JSON to this file

@@ -33,8 +33,9 @@ pub struct ModelArgs {
     /// Compute threads; 0 = all cores
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// How the base's projections are held: none (dense f32), nf4 (quantized at load) or
-    /// keep (a GGUF file's quantized tensors or a bitsandbytes NF4 checkpoint as stored)
+    /// How the base's projections are held: none (dense f32), nf4 (quantized at load),
+    /// keep (a GGUF file's quantized tensors or a bitsandbytes NF4 checkpoint as stored) or
+    /// bf16 (rounded at load; products in bf16, fast on an MKL build)
     #[arg(long, default_value = "none", value_parser = parse_quantization)]
     pub quantization: Quantization,
     /// cpu, cuda, cuda:N, metal or auto (the best one present)
@@ -457,6 +458,13 @@ pub fn export(a: &ExportArgs) -> CliResult<()> {
         "merged_format": a.merged_format,
     });
     if let Some(nm) = &nf4_model {
+        if !a.check_data.is_file() {
+            return Err(format!(
+                "--check-data {}: no such file (merging onto a {} base compares the merges with the unmerged adapter on held-out examples; pass a JSONL file)",
+                a.check_data.display(),
+                a.model.quantization.as_str()
+            ));
+        }
         let cfg = DataConfig {
             train_path: a.check_data.clone(),
             max_seq_len: 256,

@@ -294,7 +294,7 @@ impl Decoder {
         if full && !quant.is_empty() {
             return Err(Error::config(
                 "train.mode",
-                "full fine-tuning needs a dense base; found quantized weights (set model.quantization = \"none\")",
+                "full fine-tuning needs a dense f32 base; found projections held quantized or in bf16 (set model.quantization = \"none\")",
             ));
         }
         let mut linear = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
