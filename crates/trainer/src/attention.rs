@@ -432,9 +432,9 @@ impl CustomOp3 for CausalAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
-    use crate::test_util::max_abs_diff as max_diff;
+    use crate::test_util::{check_against_composed, max_abs_diff as max_diff};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         crate::fused_lora::uniform(shape, seed).unwrap()
@@ -452,50 +452,16 @@ mod tests {
             (1, 4, 2, 150, 8, None),
             (1, 2, 1, 130, 4, Some(70)),
         ] {
-            let q = Var::from_tensor(&(randn(&[b, nh, t, hd], 1) * 2.0).unwrap()).unwrap();
-            let k = Var::from_tensor(&(randn(&[b, nkv, t, hd], 2) * 2.0).unwrap()).unwrap();
-            let v = Var::from_tensor(&randn(&[b, nkv, t, hd], 3)).unwrap();
-            let probe = randn(&[b, t, nh * hd], 4);
+            let q = (randn(&[b, nh, t, hd], 1) * 2.0).unwrap();
+            let k = (randn(&[b, nkv, t, hd], 2) * 2.0).unwrap();
+            let v = randn(&[b, nkv, t, hd], 3);
             let scale = 0.35;
-            let y1 = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, window)
-                .unwrap();
-            let y2 = causal_attention_composed(
-                q.as_tensor(),
-                k.as_tensor(),
-                v.as_tensor(),
-                scale,
-                window,
-            )
-            .unwrap();
-            let case = format!("b{b} h{nh}/{nkv} t{t} d{hd} window {window:?}");
-            assert!(
-                max_diff(&y1, &y2) < 1e-12,
-                "{case}: forward {}",
-                max_diff(&y1, &y2)
+            check_against_composed(
+                &[q, k, v],
+                |x| causal_attention(&x[0], &x[1], &x[2], scale, window).unwrap(),
+                |x| causal_attention_composed(&x[0], &x[1], &x[2], scale, window).unwrap(),
+                1e-12,
             );
-            let g1 = (&y1 * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&y2 * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                let a = g1
-                    .get(var)
-                    .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
-                let c = g2.get(var).unwrap();
-                assert!(
-                    max_diff(a, c) < 1e-12,
-                    "{case}: d{name} differs by {}",
-                    max_diff(a, c)
-                );
-            }
         }
     }
 
