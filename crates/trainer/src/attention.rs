@@ -23,6 +23,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType
 use rayon::prelude::*;
 
 use crate::cpu_gemm::{gemm, serial};
+use crate::ops::{contiguous_slice, guard_slice};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -335,13 +336,6 @@ impl CausalAttention {
     }
 }
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("causal_attention: {what} must be contiguous"),
-    }
-}
-
 impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "ftbench-causal-attention"
@@ -368,9 +362,9 @@ impl CustomOp3 for CausalAttention {
         macro_rules! run {
             ($t:ty) => {
                 <$t>::to_cpu_storage_owned(self.cpu_forward::<$t>(
-                    slice(qs, ql, "q")?,
-                    slice(ks, kl, "k")?,
-                    slice(vs, vl, "v")?,
+                    contiguous_slice(qs, ql, "causal_attention q")?,
+                    contiguous_slice(ks, kl, "causal_attention k")?,
+                    contiguous_slice(vs, vl, "causal_attention v")?,
                     d,
                 ))
             };
@@ -405,11 +399,13 @@ impl CustomOp3 for CausalAttention {
             ($t:ty) => {{
                 let s: Vec<&[$t]> = guards
                     .iter()
-                    .zip(["q", "k", "v", "dy"])
-                    .map(|((st, l), what)| match &**st {
-                        candle_core::Storage::Cpu(st) => slice::<$t>(st, l, what),
-                        _ => candle_core::bail!("causal_attention: expected cpu tensors"),
-                    })
+                    .zip([
+                        "causal_attention q",
+                        "causal_attention k",
+                        "causal_attention v",
+                        "causal_attention dy",
+                    ])
+                    .map(|(g, what)| guard_slice::<$t, _>(g, what))
                     .collect::<CResult<_>>()?;
                 let (dq, dk, dv) = self.cpu_backward::<$t>(s[0], s[1], s[2], s[3], d);
                 let dev = q.device();

@@ -439,43 +439,31 @@ mod mkl {
         let beta = if accumulate { 1.0 } else { 0.0 };
         // SAFETY: the operands' extents were checked by the caller for these strides, the
         // leading dimensions cover each row, and with beta = 0 BLAS does not read `c`.
+        macro_rules! call {
+            ($f:ident, $t:ty) => {
+                unsafe {
+                    $f(
+                        ROW_MAJOR,
+                        ta,
+                        tb,
+                        mi,
+                        ni,
+                        ki,
+                        alpha as $t,
+                        a.as_ptr() as *const $t,
+                        lda,
+                        b.as_ptr() as *const $t,
+                        ldb,
+                        beta as $t,
+                        c.as_mut_ptr() as *mut $t,
+                        ldc,
+                    )
+                }
+            };
+        }
         match T::DTYPE {
-            DType::F32 => unsafe {
-                cblas_sgemm(
-                    ROW_MAJOR,
-                    ta,
-                    tb,
-                    mi,
-                    ni,
-                    ki,
-                    alpha as f32,
-                    a.as_ptr() as *const f32,
-                    lda,
-                    b.as_ptr() as *const f32,
-                    ldb,
-                    beta as f32,
-                    c.as_mut_ptr() as *mut f32,
-                    ldc,
-                )
-            },
-            DType::F64 => unsafe {
-                cblas_dgemm(
-                    ROW_MAJOR,
-                    ta,
-                    tb,
-                    mi,
-                    ni,
-                    ki,
-                    alpha,
-                    a.as_ptr() as *const f64,
-                    lda,
-                    b.as_ptr() as *const f64,
-                    ldb,
-                    beta,
-                    c.as_mut_ptr() as *mut f64,
-                    ldc,
-                )
-            },
+            DType::F32 => call!(cblas_sgemm, f32),
+            DType::F64 => call!(cblas_dgemm, f64),
             _ => return false,
         }
         true

@@ -26,10 +26,11 @@ use std::sync::Mutex;
 use candle_core::backend::BackendStorage;
 #[cfg(any(feature = "cuda", feature = "metal"))]
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::cpu_gemm::gemm;
+use crate::ops::{contiguous_slice, guard_slice, with_cpu_slice};
 use serde::{Deserialize, Serialize};
 
 use crate::quant::QuantWeight;
@@ -192,22 +193,6 @@ fn out_shape(xl: &Layout, out_f: usize) -> Shape {
 // ---------------------------------------------------------------------------------------------
 // CPU: `cpu_gemm` (the gemm crate, or MKL with the `mkl` feature)
 
-fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => candle_core::bail!("lora_linear: {what} must be contiguous"),
-    }
-}
-
-/// The contiguous elements of a CPU tensor.
-fn with_cpu_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> CResult<R> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*s else {
-        candle_core::bail!("lora_linear: expected a cpu tensor")
-    };
-    Ok(f(cpu_slice::<T>(s, l, "operand")?))
-}
-
 /// `x ⊙ mask` into a fresh buffer.
 fn masked<T: WithDType>(x: &[T], m: &[T]) -> Vec<T> {
     let mut v = vec![T::zero(); x.len()];
@@ -233,7 +218,7 @@ impl FusedLora {
         let xm_buf;
         let xm: &[T] = match &self.mask {
             Some(m) => {
-                xm_buf = with_cpu_slice::<T, _>(m, |m| masked(x, m))?;
+                xm_buf = with_cpu_slice::<T, _>(m, "lora_linear mask", |m| Ok(masked(x, m)))?;
                 &xm_buf
             }
             None => x,
@@ -291,7 +276,10 @@ impl FusedLora {
             return Ok(());
         }
         let w = self.w.get(&candle_core::Device::Cpu, T::DTYPE)?;
-        with_cpu_slice::<T, _>(&w, |w| gemm((m, n, k), c, false, lhs, lhs_s, w, w_s, 1.0))
+        with_cpu_slice::<T, _>(&w, "lora_linear W", |w| {
+            gemm((m, n, k), c, false, lhs, lhs_s, w, w_s, 1.0);
+            Ok(())
+        })
     }
 
     /// (dx, dA, dB) from CPU tensors.
@@ -308,14 +296,14 @@ impl FusedLora {
         let sc = self.scaling;
         // the operands borrowed in place (all contiguous: made so by `fused` and `bwd`)
         let guards = [dy, s, a, b, x].map(|t| t.storage_and_layout());
-        let [dyv, sv, av, bv, xv] =
-            [(0, "dy"), (1, "s"), (2, "A"), (3, "B"), (4, "x")].map(|(i, what)| -> CResult<&[T]> {
-                let (st, l) = &guards[i];
-                let Storage::Cpu(st) = &**st else {
-                    candle_core::bail!("lora_linear: expected a cpu tensor")
-                };
-                cpu_slice::<T>(st, l, what)
-            });
+        let [dyv, sv, av, bv, xv] = [
+            (0, "lora_linear dy"),
+            (1, "lora_linear s"),
+            (2, "lora_linear A"),
+            (3, "lora_linear B"),
+            (4, "lora_linear x"),
+        ]
+        .map(|(i, what)| guard_slice::<T, _>(&guards[i], what));
         let (dyv, sv, av, bv, xv) = (dyv?, sv?, av?, bv?, xv?);
         // ds = scaling · dy B: [n, out] x [out, r]; dB = scaling · dyᵀ s: [out, n] x [n, r]
         let mut ds = vec![T::zero(); n * r];
@@ -342,7 +330,9 @@ impl FusedLora {
         );
         // dA = dsᵀ xm: [r, n] x [n, in]; with dropout, xm's buffer then takes ds A for dx
         let mut buf = match &self.mask {
-            Some(m) => Some(with_cpu_slice::<T, _>(m, |m| masked(xv, m))?),
+            Some(m) => Some(with_cpu_slice::<T, _>(m, "lora_linear mask", |m| {
+                Ok(masked(xv, m))
+            })?),
             None => None,
         };
         let mut da = vec![T::zero(); r * in_f];
@@ -364,14 +354,15 @@ impl FusedLora {
             Some(m) => {
                 let buf = buf.as_mut().expect("made above when there is a mask");
                 gemm((n, in_f, r), buf, false, &ds, (r, 1), av, (in_f, 1), 1.0);
-                with_cpu_slice::<T, _>(m, |m| {
+                with_cpu_slice::<T, _>(m, "lora_linear mask", |m| {
                     dx.par_chunks_mut(1 << 14)
                         .zip(buf.par_chunks(1 << 14).zip(m.par_chunks(1 << 14)))
                         .for_each(|(o, (g, m))| {
                             for ((o, g), m) in o.iter_mut().zip(g).zip(m) {
                                 *o += *g * *m;
                             }
-                        })
+                        });
+                    Ok(())
                 })?;
             }
         }
@@ -437,9 +428,9 @@ impl CustomOp3 for FusedLora {
         macro_rules! run {
             ($t:ty) => {{
                 let (y, s) = self.cpu_forward::<$t>(
-                    cpu_slice(xs, xl, "x")?,
-                    cpu_slice(as_, al, "A")?,
-                    cpu_slice(bs, bl, "B")?,
+                    contiguous_slice(xs, xl, "lora_linear x")?,
+                    contiguous_slice(as_, al, "lora_linear A")?,
+                    contiguous_slice(bs, bl, "lora_linear B")?,
                     d,
                 )?;
                 *self.s.lock().unwrap() = Some(Tensor::from_vec(s, (d.n, d.r), &dev)?);

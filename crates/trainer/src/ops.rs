@@ -30,11 +30,39 @@ use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
 
-fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [T]> {
+/// The elements of a contiguous CPU storage; `op` names the input in the error.
+pub(crate) fn contiguous_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> CResult<&'a [T]> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
         None => candle_core::bail!("{op}: input must be contiguous"),
     }
+}
+
+/// The contiguous elements of a CPU tensor borrowed by `Tensor::storage_and_layout` (several
+/// can be held at once).
+pub(crate) fn guard_slice<'a, T, G>(g: &'a (G, &Layout), op: &str) -> CResult<&'a [T]>
+where
+    T: WithDType,
+    G: std::ops::Deref<Target = candle_core::Storage>,
+{
+    let candle_core::Storage::Cpu(s) = &*g.0 else {
+        candle_core::bail!("{op}: expected a cpu tensor")
+    };
+    contiguous_slice::<T>(s, g.1, op)
+}
+
+/// The contiguous elements of a CPU tensor, borrowed for `f`.
+pub(crate) fn with_cpu_slice<T: WithDType, R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> CResult<R>,
+) -> CResult<R> {
+    let g = t.storage_and_layout();
+    f(guard_slice::<T, _>(&g, op)?)
 }
 
 macro_rules! dispatch_float {
@@ -627,16 +655,11 @@ fn gated_bwd_f32(act: Activation, gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<
                     .zip(dy.par_chunks(C)),
             )
             .for_each(|((dg, du), ((g, u), dy))| {
-                for i in 0..g
-                    .len()
-                    .min(dg.len())
-                    .min(du.len())
-                    .min(u.len())
-                    .min(dy.len())
-                {
-                    let (a, da) = f(g[i]);
-                    dg[i] = dy[i] * u[i] * da;
-                    du[i] = dy[i] * a;
+                let outs = dg.iter_mut().zip(du.iter_mut());
+                for ((dg, du), ((g, u), dy)) in outs.zip(g.iter().zip(u).zip(dy)) {
+                    let (a, da) = f(*g);
+                    *dg = dy * u * da;
+                    *du = dy * a;
                 }
             });
         (dg, du)
@@ -658,19 +681,6 @@ fn gated_bwd_f64(act: Activation, gate: &[f64], up: &[f64], dy: &[f64]) -> (Vec<
             (dy[i] * up[i] * da, dy[i] * a)
         })
         .unzip()
-}
-
-/// The contiguous elements of a CPU tensor, borrowed for `f`.
-fn with_cpu_slice<T: WithDType, R>(
-    t: &Tensor,
-    op: &str,
-    f: impl FnOnce(&[T]) -> CResult<R>,
-) -> CResult<R> {
-    let (s, l) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*s else {
-        candle_core::bail!("{op}: expected a cpu tensor")
-    };
-    f(contiguous_slice::<T>(s, l, op)?)
 }
 
 /// (d gate, d up) as tensors of `gate`'s shape, from CPU tensors.
