@@ -26,6 +26,8 @@ use std::sync::Mutex;
 use candle_core::backend::BackendStorage;
 #[cfg(any(feature = "cuda", feature = "metal"))]
 use candle_core::op::BackpropOp;
+#[cfg(feature = "cuda")]
+use candle_core::Storage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
