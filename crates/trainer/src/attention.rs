@@ -1,22 +1,29 @@
-//! Causal self-attention as one op: `softmax(scale · Q Kᵀ + mask) V`, with grouped-query heads,
-//! an optional sliding window, and a hand-written backward.
+//! Causal self-attention as one op: `softmax(scale · Q Kᵀ + mask) V` with rotary embeddings
+//! applied to Q and K, grouped-query heads, an optional sliding window, and a hand-written
+//! backward.
 //!
-//! The composed form (two batched products around [`crate::ops::causal_softmax`], then a
-//! transpose and a copy into `[b, t, heads·head_dim]`) leaves the `[groups·t, t]` scores and
-//! probabilities of every head as tensors in the autograd graph, each gradient zero-filled and
-//! accumulated by candle, plus the copies of the transposes. On the CPU this op works one
-//! (sequence, key/value head) unit at a time: its scores live in a scratch buffer while the
-//! unit's queries, keys and values are hot in cache, and the output is written straight into
-//! `[b, t, heads·head_dim]`. Units run in parallel, each with single-threaded products.
+//! The op takes the projections as they come out of the linear layers, `[b, t, heads·hd]`,
+//! and returns `[b, t, heads·hd]` for the output projection. The composed form (split the
+//! heads with a reshape and a transpose, rotate Q and K, two batched products around
+//! [`crate::ops::causal_softmax`], a transpose and a copy back) leaves about a dozen tensors
+//! per layer in the autograd graph, each gradient zero-filled and accumulated by candle, and
+//! the `[groups·t, t]` scores and probabilities of every head. On the CPU this op works one
+//! (sequence, key/value head) unit at a time: it gathers and rotates the unit's queries and
+//! keys into scratch, computes its scores block by block while they are hot in cache, and
+//! writes the output rows straight into `[b, t, heads·hd]`. Units run in parallel, each with
+//! single-threaded products.
 //!
 //! The backward recomputes the probabilities from Q and K (one product per unit, as
 //! FlashAttention does) instead of keeping them: `[groups·t, t]` per unit per layer would be
 //! the largest activation of a training step. With `P = softmax(S)`, `dO` the output gradient:
 //!
 //! - `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(dP ⊙ P))`,
-//! - `dQ = scale · dS K`, `dK = scale · dSᵀ Q`.
+//! - `dQ = scale · dS K`, `dK = scale · dSᵀ Q`,
 //!
-//! Off the CPU, in other dtypes, and with a KV cache the composed form is used.
+//! and the rotation, being orthogonal, is undone on `dQ` and `dK` by rotating them back.
+//!
+//! Off the CPU and in other dtypes the composed form is used; with a KV cache or soft-capped
+//! scores the model composes the attention itself.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
@@ -27,67 +34,122 @@ use crate::ops::{contiguous_slice, guard_slice};
 
 type CResult<T> = candle_core::Result<T>;
 
-/// `softmax(scale · q kᵀ + causal mask) v` for `q: [b, heads, t, d]`, `k, v: [b, kv_heads, t,
-/// d]` (heads a multiple of kv_heads; query head `h` reads kv head `h / (heads / kv_heads)`),
-/// returned as `[b, t, heads·d]`. `window`: key `j` is visible from query `p` when
-/// `p - window < j <= p`.
+/// Rotary-embedding tables for positions `0..t`: `cos`, `sin` of shape `[t, hd/2]` (the two
+/// halves of the head dimension rotate together, as in HF transformers).
+#[derive(Clone, Copy)]
+pub struct Rotary<'a> {
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+}
+
+/// Causal self-attention for `q: [b, t, heads·hd]` (or `[b, t, heads, hd]`), `k, v: [b, t,
+/// kv_heads·hd]` (or `[b, t, kv_heads, hd]`), returned as `[b, t, heads·hd]`. Query head `h`
+/// reads kv head `h / (heads / kv_heads)`; `rope` rotates q and k by position first.
+/// `window`: key `j` is visible from query `p` when `p - window < j <= p`.
+#[allow(clippy::too_many_arguments)]
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    rope: Option<Rotary>,
     scale: f64,
     window: Option<usize>,
 ) -> CResult<Tensor> {
-    let (b, nh, t, hd) = q.dims4()?;
-    let (bk, nkv, tk, hdk) = k.dims4()?;
-    if (bk, tk, hdk) != (b, t, hd) || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
+    let (b, t) = (q.dim(0)?, q.dim(1)?);
+    let per_token = |x: &Tensor| x.elem_count() / (b * t).max(1);
+    let hd = if heads == 0 { 0 } else { per_token(q) / heads };
+    let ok = heads > 0
+        && kv_heads > 0
+        && heads % kv_heads == 0
+        && hd > 0
+        && hd % 2 == 0
+        && per_token(q) == heads * hd
+        && [k, v]
+            .iter()
+            .all(|x| x.dims()[..2] == [b, t] && per_token(x) == kv_heads * hd);
+    if !ok {
         candle_core::bail!(
-            "causal_attention: q {:?}, k {:?}, v {:?}",
+            "causal_attention: q {:?}, k {:?}, v {:?} for {heads} heads and {kv_heads} kv heads",
             q.dims(),
             k.dims(),
             v.dims()
         );
     }
+    let tables = match rope {
+        Some(r) => {
+            if r.cos.dims() != [t, hd / 2] || r.sin.dims() != [t, hd / 2] {
+                candle_core::bail!(
+                    "causal_attention: rope tables {:?} and {:?} for {t} positions of {hd}",
+                    r.cos.dims(),
+                    r.sin.dims()
+                );
+            }
+            let f = |x: &Tensor| x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+            Some((f(r.cos)?, f(r.sin)?))
+        }
+        None => None,
+    };
     if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
         let op = CausalAttention {
             scale,
             window,
-            groups: nh / nkv,
+            heads,
+            kv_heads,
+            rope: tables,
         };
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
-    causal_attention_composed(q, k, v, scale, window)
+    causal_attention_composed(q, k, v, heads, kv_heads, rope, scale, window)
 }
 
 /// [`causal_attention`] as candle ops with autograd (other devices and dtypes, and the tests'
 /// reference).
+#[allow(clippy::too_many_arguments)]
 pub fn causal_attention_composed(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    rope: Option<Rotary>,
     scale: f64,
     window: Option<usize>,
 ) -> CResult<Tensor> {
-    let (b, nh, t, hd) = q.dims4()?;
-    let nkv = k.dim(1)?;
-    // grouped-query attention without repeating k/v: q as [b, nkv, groups·t, hd]
-    let qg = q.reshape((b, nkv, nh / nkv * t, hd))?;
+    let (b, t) = (q.dim(0)?, q.dim(1)?);
+    let hd = q.elem_count() / (b * t * heads);
+    // [b, t, h·hd] -> [b, h, t, hd]
+    let split = |x: &Tensor, h: usize| x.reshape((b, t, h, hd))?.transpose(1, 2);
+    let (mut q, mut k) = (split(q, heads)?, split(k, kv_heads)?);
+    if let Some(r) = rope {
+        let (cos, sin) = (r.cos.to_dtype(q.dtype())?, r.sin.to_dtype(q.dtype())?);
+        q = crate::ops::rope_composed(&q, &cos, &sin)?;
+        k = crate::ops::rope_composed(&k, &cos, &sin)?;
+    }
+    let v = split(v, kv_heads)?.contiguous()?;
+    // grouped-query attention without repeating k/v: q as [b, kv, groups·t, hd]
+    let qg = q
+        .contiguous()?
+        .reshape((b, kv_heads, heads / kv_heads * t, hd))?;
     let scores = qg.matmul(&k.t()?)?;
     let probs = crate::ops::causal_softmax(&scores, scale, t, 0, window)?;
     probs
-        .matmul(&v.contiguous()?)?
-        .reshape((b, nh, t, hd))?
+        .matmul(&v)?
+        .reshape((b, heads, t, hd))?
         .transpose(1, 2)?
-        .reshape((b, t, nh * hd))
+        .reshape((b, t, heads * hd))
 }
 
 struct CausalAttention {
     scale: f64,
     window: Option<usize>,
-    /// query heads per kv head
-    groups: usize,
+    heads: usize,
+    kv_heads: usize,
+    /// `cos`, `sin` as `[t, hd/2]`, when q and k are rotated
+    rope: Option<(Vec<f64>, Vec<f64>)>,
 }
 
 /// Sizes of one call: `units = b · kv_heads`, each with `rows = groups · t` query rows.
@@ -95,6 +157,7 @@ struct CausalAttention {
 struct Dims {
     b: usize,
     nh: usize,
+    nkv: usize,
     t: usize,
     hd: usize,
     groups: usize,
@@ -104,6 +167,14 @@ impl Dims {
     fn rows(&self) -> usize {
         self.groups * self.t
     }
+}
+
+/// Which heads of a `[b, t, heads·hd]` tensor one unit holds: `per_unit` consecutive heads
+/// out of `heads`, as rows `[per_unit·t, hd]` (head-major, then position).
+#[derive(Clone, Copy)]
+struct HeadSplit {
+    heads: usize,
+    per_unit: usize,
 }
 
 /// Query positions per block. A block reads only the keys up to its last position (and from
@@ -201,25 +272,88 @@ impl CausalAttention {
         p
     }
 
+    /// One unit's heads of `x: [b, t, split.heads·hd]` as rows `[split.per_unit·t, hd]`,
+    /// rotated by position when `rotate`.
+    fn gather<T: WithDType>(
+        &self,
+        x: &[T],
+        u: usize,
+        split: HeadSplit,
+        d: Dims,
+        rotate: bool,
+    ) -> Vec<T> {
+        let (t, hd) = (d.t, d.hd);
+        let units_per_seq = split.heads / split.per_unit;
+        let (bi, j) = (u / units_per_seq, u % units_per_seq);
+        let mut out = vec![T::zero(); split.per_unit * t * hd];
+        for (r, row) in out.chunks_mut(hd).enumerate() {
+            let (g, p) = (r / t, r % t);
+            let src = (bi * t + p) * split.heads * hd + (j * split.per_unit + g) * hd;
+            let src = &x[src..src + hd];
+            match (&self.rope, rotate) {
+                (Some((cos, sin)), true) => rotate_row(row, src, cos, sin, p, 1.0),
+                _ => row.copy_from_slice(src),
+            }
+        }
+        out
+    }
+
+    /// The inverse of [`Self::gather`]: per-unit rows back into `[b, t, split.heads·hd]`,
+    /// rotated back by position when `rotate` (the transpose of the rotation).
+    fn scatter<T: WithDType>(
+        &self,
+        units: &[Vec<T>],
+        split: HeadSplit,
+        d: Dims,
+        rotate: bool,
+    ) -> Vec<T> {
+        let (t, hd) = (d.t, d.hd);
+        let units_per_seq = split.heads / split.per_unit;
+        let mut y = vec![T::zero(); d.b * t * split.heads * hd];
+        y.par_chunks_mut(split.heads * hd)
+            .enumerate()
+            .for_each(|(bp, yr)| {
+                let (bi, p) = (bp / t, bp % t);
+                for (h, dst) in yr.chunks_mut(hd).enumerate() {
+                    let unit = &units[bi * units_per_seq + h / split.per_unit];
+                    let src = ((h % split.per_unit) * t + p) * hd;
+                    let src = &unit[src..src + hd];
+                    match (&self.rope, rotate) {
+                        (Some((cos, sin)), true) => rotate_row(dst, src, cos, sin, p, -1.0),
+                        _ => dst.copy_from_slice(src),
+                    }
+                }
+            });
+        y
+    }
+
+    fn splits(&self, d: Dims) -> (HeadSplit, HeadSplit) {
+        let q = HeadSplit {
+            heads: d.nh,
+            per_unit: d.groups,
+        };
+        let kv = HeadSplit {
+            heads: d.nkv,
+            per_unit: 1,
+        };
+        (q, kv)
+    }
+
     fn cpu_forward<T: WithDType>(&self, q: &[T], k: &[T], v: &[T], d: Dims) -> Vec<T> {
-        let Dims {
-            b,
-            nh,
-            t,
-            hd,
-            groups,
-        } = d;
-        let rows = d.rows();
+        let (qs, kvs) = self.splits(d);
+        let (rows, hd) = (d.rows(), d.hd);
         let blocks = self.blocks(d);
         // one unit per (sequence, kv head): q rows [groups·t, hd], k and v [t, hd]
-        let outs: Vec<Vec<T>> = q
-            .par_chunks(rows * hd)
-            .zip(k.par_chunks(t * hd).zip(v.par_chunks(t * hd)))
-            .map(|(qu, (ku, vu))| {
+        let outs: Vec<Vec<T>> = (0..d.b * d.nkv)
+            .into_par_iter()
+            .map(|u| {
+                let qu = self.gather(q, u, qs, d, true);
+                let ku = self.gather(k, u, kvs, d, true);
+                let vu = self.gather(v, u, kvs, d, false);
                 serial(|| {
                     let mut o = vec![T::zero(); rows * hd];
                     for &blk in &blocks {
-                        let p = self.block_probs(qu, ku, blk, d);
+                        let p = self.block_probs(&qu, &ku, blk, d);
                         let (ob, vb) = (&mut o[blk.r0 * hd..], &vu[blk.k0 * hd..]);
                         gemm(
                             (blk.nr, hd, blk.keys()),
@@ -236,20 +370,10 @@ impl CausalAttention {
                 })
             })
             .collect();
-        // [b, kv, groups, t, hd] -> [b, t, heads·hd]
-        let mut y = vec![T::zero(); b * t * nh * hd];
-        y.par_chunks_mut(nh * hd).enumerate().for_each(|(bp, yr)| {
-            let (bi, p) = (bp / t, bp % t);
-            for h in 0..nh {
-                let o = &outs[bi * (nh / groups) + h / groups];
-                let src = ((h % groups) * t + p) * hd;
-                yr[h * hd..(h + 1) * hd].copy_from_slice(&o[src..src + hd]);
-            }
-        });
-        y
+        self.scatter(&outs, qs, d, false)
     }
 
-    /// (dq, dk, dv) for `dy: [b, t, heads·hd]`.
+    /// (dq, dk, dv) in the inputs' layout for `dy: [b, t, heads·hd]`.
     fn cpu_backward<T: WithDType>(
         &self,
         q: &[T],
@@ -258,34 +382,23 @@ impl CausalAttention {
         dy: &[T],
         d: Dims,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let Dims {
-            nh, t, hd, groups, ..
-        } = d;
-        let rows = d.rows();
-        let nkv = nh / groups;
+        let (qs, kvs) = self.splits(d);
+        let hd = d.hd;
         let blocks = self.blocks(d);
-        let mut dq = vec![T::zero(); q.len()];
-        let mut dk = vec![T::zero(); k.len()];
-        let mut dv = vec![T::zero(); v.len()];
-        dq.par_chunks_mut(rows * hd)
-            .zip(dk.par_chunks_mut(t * hd).zip(dv.par_chunks_mut(t * hd)))
-            .enumerate()
-            .for_each(|(u, (dqu, (dku, dvu)))| {
-                let (bi, j) = (u / nkv, u % nkv);
-                let qu = &q[u * rows * hd..(u + 1) * rows * hd];
-                let ku = &k[u * t * hd..(u + 1) * t * hd];
-                let vu = &v[u * t * hd..(u + 1) * t * hd];
-                // this unit's output gradient, [groups·t, hd] from [b, t, heads·hd]
-                let mut dyu = vec![T::zero(); rows * hd];
-                for (r, row) in dyu.chunks_mut(hd).enumerate() {
-                    let (g, p) = (r / t, r % t);
-                    let src = (bi * t + p) * nh * hd + (j * groups + g) * hd;
-                    row.copy_from_slice(&dy[src..src + hd]);
-                }
+        let grads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.nkv)
+            .into_par_iter()
+            .map(|u| {
+                let qu = self.gather(q, u, qs, d, true);
+                let ku = self.gather(k, u, kvs, d, true);
+                let vu = self.gather(v, u, kvs, d, false);
+                let dyu = self.gather(dy, u, qs, d, false);
+                let mut dqu = vec![T::zero(); qu.len()];
+                let mut dku = vec![T::zero(); ku.len()];
+                let mut dvu = vec![T::zero(); vu.len()];
                 serial(|| {
                     for &blk in &blocks {
                         let (nr, kk) = (blk.nr, blk.keys());
-                        let p = self.block_probs(qu, ku, blk, d);
+                        let p = self.block_probs(&qu, &ku, blk, d);
                         let dyb = &dyu[blk.r0 * hd..];
                         // dV += Pᵀ dO: [keys, nr] x [nr, hd]
                         let dvb = &mut dvu[blk.k0 * hd..];
@@ -331,8 +444,59 @@ impl CausalAttention {
                         );
                     }
                 });
-            });
-        (dq, dk, dv)
+                (dqu, dku, dvu)
+            })
+            .collect();
+        let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+        for (dq, dk, dv) in grads {
+            dqs.push(dq);
+            dks.push(dk);
+            dvs.push(dv);
+        }
+        (
+            self.scatter(&dqs, qs, d, true),
+            self.scatter(&dks, kvs, d, true),
+            self.scatter(&dvs, kvs, d, false),
+        )
+    }
+
+    fn dims(&self, q: &Shape) -> CResult<Dims> {
+        let (b, t) = (q.dims()[0], q.dims()[1]);
+        let hd = q.elem_count() / (b * t * self.heads);
+        Ok(Dims {
+            b,
+            nh: self.heads,
+            nkv: self.kv_heads,
+            t,
+            hd,
+            groups: self.heads / self.kv_heads,
+        })
+    }
+}
+
+/// `dst = R(±θ_p) src` for one head row: the halves `(x1, x2)` become `(x1 c − x2 s, x2 c +
+/// x1 s)` with `c, s` of position `p`, `s` negated for `sign = -1` (the inverse rotation).
+#[inline]
+fn rotate_row<T: WithDType>(
+    dst: &mut [T],
+    src: &[T],
+    cos: &[f64],
+    sin: &[f64],
+    p: usize,
+    sign: f64,
+) {
+    let half = src.len() / 2;
+    let (c, s) = (
+        &cos[p * half..(p + 1) * half],
+        &sin[p * half..(p + 1) * half],
+    );
+    let (d1, d2) = dst.split_at_mut(half);
+    let (x1, x2) = src.split_at(half);
+    for i in 0..half {
+        let (ci, si) = (c[i], sign * s[i]);
+        let (a, b) = (x1[i].to_f64(), x2[i].to_f64());
+        d1[i] = T::from_f64(a * ci - b * si);
+        d2[i] = T::from_f64(b * ci + a * si);
     }
 }
 
@@ -350,15 +514,8 @@ impl CustomOp3 for CausalAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (b, nh, t, hd) = ql.shape().dims4()?;
-        let d = Dims {
-            b,
-            nh,
-            t,
-            hd,
-            groups: self.groups,
-        };
-        let shape = Shape::from((b, t, nh * hd));
+        let d = self.dims(ql.shape())?;
+        let shape = Shape::from((d.b, d.t, d.nh * d.hd));
         macro_rules! run {
             ($t:ty) => {
                 <$t>::to_cpu_storage_owned(self.cpu_forward::<$t>(
@@ -385,14 +542,7 @@ impl CustomOp3 for CausalAttention {
         _y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, nh, t, hd) = q.dims4()?;
-        let d = Dims {
-            b,
-            nh,
-            t,
-            hd,
-            groups: self.groups,
-        };
+        let d = self.dims(q.shape())?;
         let dy = dy.contiguous()?;
         let guards = [q, k, v, &dy].map(|t| t.storage_and_layout());
         macro_rules! run {
@@ -436,49 +586,116 @@ mod tests {
         crate::fused_lora::uniform(shape, seed).unwrap()
     }
 
+    /// Rotary tables for `t` positions of head size `hd` (arbitrary angles: the op must not
+    /// depend on their being a geometric series).
+    fn tables(t: usize, hd: usize) -> (Tensor, Tensor) {
+        let angles = (randn(&[t, hd / 2], 11) * 3.0).unwrap();
+        (angles.cos().unwrap(), angles.sin().unwrap())
+    }
+
     /// The fused op against the composed ops in f64: output and the gradients of q, k, v,
-    /// for plain and grouped heads, with and without a sliding window.
+    /// for plain and grouped heads, with and without rotary embeddings and a sliding window.
     #[test]
     fn fused_attention_matches_composed_ops() {
-        for &(b, nh, nkv, t, hd, window) in &[
-            (1, 2, 2, 5, 4, None),
-            (2, 6, 2, 7, 8, None),
-            (2, 4, 1, 9, 4, Some(3)),
+        for &(b, nh, nkv, t, hd, window, rotate) in &[
+            (1, 2, 2, 5, 4, None, false),
+            (1, 2, 2, 5, 4, None, true),
+            (2, 6, 2, 7, 8, None, true),
+            (2, 4, 1, 9, 4, Some(3), true),
             // several query blocks, the last one partial, with and without a window
-            (1, 4, 2, 150, 8, None),
-            (1, 2, 1, 130, 4, Some(70)),
+            (1, 4, 2, 150, 8, None, true),
+            (1, 2, 1, 130, 4, Some(70), false),
         ] {
-            let q = (randn(&[b, nh, t, hd], 1) * 2.0).unwrap();
-            let k = (randn(&[b, nkv, t, hd], 2) * 2.0).unwrap();
-            let v = randn(&[b, nkv, t, hd], 3);
+            let q = (randn(&[b, t, nh * hd], 1) * 2.0).unwrap();
+            let k = (randn(&[b, t, nkv * hd], 2) * 2.0).unwrap();
+            let v = randn(&[b, t, nkv * hd], 3);
+            let (cos, sin) = tables(t, hd);
+            let rope = rotate.then_some(Rotary {
+                cos: &cos,
+                sin: &sin,
+            });
             let scale = 0.35;
             check_against_composed(
                 &[q, k, v],
-                |x| causal_attention(&x[0], &x[1], &x[2], scale, window).unwrap(),
-                |x| causal_attention_composed(&x[0], &x[1], &x[2], scale, window).unwrap(),
+                |x| causal_attention(&x[0], &x[1], &x[2], nh, nkv, rope, scale, window).unwrap(),
+                |x| {
+                    causal_attention_composed(&x[0], &x[1], &x[2], nh, nkv, rope, scale, window)
+                        .unwrap()
+                },
                 1e-12,
             );
         }
+    }
+
+    /// Heads given as a separate dimension, `[b, t, heads, hd]` (as after Gemma's q/k norms):
+    /// the same output, and gradients in that shape.
+    #[test]
+    fn fused_attention_takes_split_heads() {
+        let (b, nh, nkv, t, hd) = (2, 4, 2, 6, 8);
+        let q = randn(&[b, t, nh, hd], 1);
+        let k = randn(&[b, t, nkv, hd], 2);
+        let v = randn(&[b, t, nkv, hd], 3);
+        let (cos, sin) = tables(t, hd);
+        let rope = Some(Rotary {
+            cos: &cos,
+            sin: &sin,
+        });
+        check_against_composed(
+            &[q, k, v],
+            |x| causal_attention(&x[0], &x[1], &x[2], nh, nkv, rope, 0.5, None).unwrap(),
+            |x| {
+                let flat = |x: &Tensor| x.flatten_from(2).unwrap();
+                causal_attention_composed(
+                    &flat(&x[0]),
+                    &flat(&x[1]),
+                    &flat(&x[2]),
+                    nh,
+                    nkv,
+                    rope,
+                    0.5,
+                    None,
+                )
+                .unwrap()
+            },
+            1e-12,
+        );
+    }
+
+    /// Shapes that do not fit the head counts are refused with the shapes named.
+    #[test]
+    fn mismatched_shapes_are_refused() {
+        let q = randn(&[1, 4, 12], 1);
+        let k = randn(&[1, 4, 6], 2);
+        let e = causal_attention(&q, &k, &k, 3, 2, None, 1.0, None).unwrap_err();
+        assert!(e.to_string().contains("[1, 4, 12]"), "{e}");
+        let (cos, sin) = tables(3, 4);
+        let rope = Some(Rotary {
+            cos: &cos,
+            sin: &sin,
+        });
+        let e = causal_attention(&q, &q, &q, 3, 3, rope, 1.0, None).unwrap_err();
+        assert!(e.to_string().contains("rope tables"), "{e}");
     }
 
     /// The f32 kernel (fast exp, f32 products) against the f64 one.
     #[test]
     fn f32_attention_is_close_to_f64() {
         let (b, nh, nkv, t, hd) = (2, 6, 3, 33, 16);
-        let q = (randn(&[b, nh, t, hd], 5) * 3.0).unwrap();
-        let k = (randn(&[b, nkv, t, hd], 6) * 3.0).unwrap();
-        let v = randn(&[b, nkv, t, hd], 7);
+        let q = (randn(&[b, t, nh * hd], 5) * 3.0).unwrap();
+        let k = (randn(&[b, t, nkv * hd], 6) * 3.0).unwrap();
+        let v = randn(&[b, t, nkv * hd], 7);
+        let (cos, sin) = tables(t, hd);
+        let rope = Some(Rotary {
+            cos: &cos,
+            sin: &sin,
+        });
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            causal_attention(q, k, v, nh, nkv, rope, 0.25, Some(20)).unwrap()
+        };
         let f = |x: &Tensor| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
         let (q32, k32, v32) = (f(&q), f(&k), f(&v));
-        let y64 = causal_attention(&q, &k, &v, 0.25, Some(20)).unwrap();
-        let y32 = causal_attention(
-            q32.as_tensor(),
-            k32.as_tensor(),
-            v32.as_tensor(),
-            0.25,
-            Some(20),
-        )
-        .unwrap();
+        let y64 = attend(&q, &k, &v);
+        let y32 = attend(q32.as_tensor(), k32.as_tensor(), v32.as_tensor());
         let err = max_diff(&y32.to_dtype(DType::F64).unwrap(), &y64);
         assert!(err < 1e-5, "forward {err}");
         let g = y32.sum_all().unwrap().backward().unwrap();
@@ -487,14 +704,7 @@ mod tests {
             Var::from_tensor(&k).unwrap(),
             Var::from_tensor(&v).unwrap(),
         );
-        let y = causal_attention(
-            qv.as_tensor(),
-            kv.as_tensor(),
-            vv.as_tensor(),
-            0.25,
-            Some(20),
-        )
-        .unwrap();
+        let y = attend(qv.as_tensor(), kv.as_tensor(), vv.as_tensor());
         let g64 = y.sum_all().unwrap().backward().unwrap();
         for (a, c) in [(&q32, &qv), (&k32, &kv), (&v32, &vv)] {
             let d = max_diff(

@@ -781,33 +781,54 @@ impl Decoder {
             }
             let (_, cos, sin) = tables.iter().find(|(k, _, _)| *k == key).unwrap();
 
-            // attention: [b, t, h] -> q [b, nh, t, hd], k/v [b, nkv, t, hd]
+            // attention: [b, t, h] -> q [b, t, nh·hd], k/v [b, t, nkv·hd]
             let residual = &x;
             let h = blk.input_layernorm.forward(&x)?;
-            let q = blk.q_proj.forward(&h, ctx)?.reshape((b, t, nh, hd))?;
-            let k = blk.k_proj.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
-            let v = blk.v_proj.forward(&h, ctx)?.reshape((b, t, nkv, hd))?;
+            let q = blk.q_proj.forward(&h, ctx)?;
+            let k = blk.k_proj.forward(&h, ctx)?;
+            let v = blk.v_proj.forward(&h, ctx)?;
             let (q, k) = match (&blk.q_norm, &blk.k_norm) {
-                (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+                // per-head norms: [b, t, heads, hd]
+                (Some(qn), Some(kn)) => (
+                    qn.forward(&q.reshape((b, t, nh, hd))?)?,
+                    kn.forward(&k.reshape((b, t, nkv, hd))?)?,
+                ),
                 _ => (q, k),
             };
-            let q = ops::rope(&q.transpose(1, 2)?, cos, sin)?;
-            let mut k = ops::rope(&k.transpose(1, 2)?, cos, sin)?;
-            let mut v = v.transpose(1, 2)?.contiguous()?;
-            if let Some(cache) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = &cache.layers[l] {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
-                }
-                cache.layers[l] = Some((k.clone(), v.clone()));
-            }
-            let total = past + t;
-            debug_assert_eq!(total, k.dims()[2]);
             let window = if blk.sliding { c.sliding_window } else { None };
+            // [b, h, t, hd], rotated
+            let heads = |x: &Tensor, n: usize| x.reshape((b, t, n, hd))?.transpose(1, 2);
+            let rotated = |x: &Tensor, n: usize| ops::rope(&heads(x, n)?, cos, sin);
+            if let Some(cache) = cache.as_deref_mut() {
+                // the cache keeps rotated keys and values as [b, nkv, positions, hd]
+                let (mut ck, mut cv) = (rotated(&k, nkv)?, heads(&v, nkv)?.contiguous()?);
+                if let Some((pk, pv)) = &cache.layers[l] {
+                    ck = Tensor::cat(&[pk, &ck], 2)?;
+                    cv = Tensor::cat(&[pv, &cv], 2)?;
+                }
+                cache.layers[l] = Some((ck, cv));
+            }
             let attn = if past == 0 && c.attn_logit_softcapping.is_none() {
-                // one op: [b, t, nh·hd]
-                attention::causal_attention(&q, &k, &v, c.attention_scale(), window)?
+                // one op from the projections to [b, t, nh·hd]
+                let rope = attention::Rotary { cos, sin };
+                attention::causal_attention(
+                    &q,
+                    &k,
+                    &v,
+                    nh,
+                    nkv,
+                    Some(rope),
+                    c.attention_scale(),
+                    window,
+                )?
             } else {
+                let q = rotated(&q, nh)?;
+                let (k, v) = match cache.as_deref() {
+                    Some(cache) => cache.layers[l].clone().expect("stored above"),
+                    None => (rotated(&k, nkv)?, heads(&v, nkv)?.contiguous()?),
+                };
+                let total = past + t;
+                debug_assert_eq!(total, k.dims()[2]);
                 // grouped-query attention without repeating k/v: q as [b, nkv, groups·t, hd]
                 let qg = q.reshape((b, nkv, groups * t, hd))?;
                 let scores = qg.matmul(&k.t()?)?; // [b, nkv, g·t, total]
