@@ -59,12 +59,12 @@ pub fn causal_attention(
 ) -> CResult<Tensor> {
     let (b, t) = (q.dim(0)?, q.dim(1)?);
     let per_token = |x: &Tensor| x.elem_count() / (b * t).max(1);
-    let hd = if heads == 0 { 0 } else { per_token(q) / heads };
+    let hd = per_token(q).checked_div(heads).unwrap_or(0);
     let ok = heads > 0
         && kv_heads > 0
-        && heads % kv_heads == 0
+        && heads.is_multiple_of(kv_heads)
         && hd > 0
-        && hd % 2 == 0
+        && hd.is_multiple_of(2)
         && per_token(q) == heads * hd
         && [k, v]
             .iter()
