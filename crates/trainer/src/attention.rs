@@ -87,7 +87,7 @@ pub fn causal_attention(
                 );
             }
             let f = |x: &Tensor| x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
-            Some((f(r.cos)?, f(r.sin)?))
+            Some(RopeTables::new(f(r.cos)?, f(r.sin)?))
         }
         None => None,
     };
@@ -134,7 +134,7 @@ pub fn causal_attention_composed(
     let qg = q
         .contiguous()?
         .reshape((b, kv_heads, heads / kv_heads * t, hd))?;
-    let scores = qg.matmul(&k.t()?)?;
+    let scores = qg.matmul(&k.contiguous()?.t()?)?;
     let probs = crate::ops::causal_softmax(&scores, scale, t, 0, window)?;
     probs
         .matmul(&v)?
@@ -148,8 +148,28 @@ struct CausalAttention {
     window: Option<usize>,
     heads: usize,
     kv_heads: usize,
-    /// `cos`, `sin` as `[t, hd/2]`, when q and k are rotated
-    rope: Option<(Vec<f64>, Vec<f64>)>,
+    /// when q and k are rotated
+    rope: Option<RopeTables>,
+}
+
+/// `cos`, `sin` as `[t, hd/2]`, in f64 and rounded to f32.
+struct RopeTables {
+    cos: Vec<f64>,
+    sin: Vec<f64>,
+    cos32: Vec<f32>,
+    sin32: Vec<f32>,
+}
+
+impl RopeTables {
+    fn new(cos: Vec<f64>, sin: Vec<f64>) -> Self {
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+        Self {
+            cos32: f32s(&cos),
+            sin32: f32s(&sin),
+            cos,
+            sin,
+        }
+    }
 }
 
 /// Sizes of one call: `units = b · kv_heads`, each with `rows = groups · t` query rows.
@@ -291,7 +311,7 @@ impl CausalAttention {
             let src = (bi * t + p) * split.heads * hd + (j * split.per_unit + g) * hd;
             let src = &x[src..src + hd];
             match (&self.rope, rotate) {
-                (Some((cos, sin)), true) => rotate_row(row, src, cos, sin, p, 1.0),
+                (Some(tables), true) => rotate_row(row, src, tables, p, false),
                 _ => row.copy_from_slice(src),
             }
         }
@@ -319,7 +339,7 @@ impl CausalAttention {
                     let src = ((h % split.per_unit) * t + p) * hd;
                     let src = &unit[src..src + hd];
                     match (&self.rope, rotate) {
-                        (Some((cos, sin)), true) => rotate_row(dst, src, cos, sin, p, -1.0),
+                        (Some(tables), true) => rotate_row(dst, src, tables, p, true),
                         _ => dst.copy_from_slice(src),
                     }
                 }
@@ -474,29 +494,52 @@ impl CausalAttention {
     }
 }
 
-/// `dst = R(±θ_p) src` for one head row: the halves `(x1, x2)` become `(x1 c − x2 s, x2 c +
-/// x1 s)` with `c, s` of position `p`, `s` negated for `sign = -1` (the inverse rotation).
+/// `dst = R(θ_p) src` for one head row (`R(−θ_p)` when `inverse`): the halves `(x1, x2)`
+/// become `(x1 c − x2 s, x2 c + x1 s)` with `c, s` of position `p`. f32 rows are rotated in
+/// f32 (so the loop vectorises), others in f64.
 #[inline]
 fn rotate_row<T: WithDType>(
     dst: &mut [T],
     src: &[T],
-    cos: &[f64],
-    sin: &[f64],
+    tables: &RopeTables,
     p: usize,
-    sign: f64,
+    inverse: bool,
 ) {
     let half = src.len() / 2;
-    let (c, s) = (
-        &cos[p * half..(p + 1) * half],
-        &sin[p * half..(p + 1) * half],
-    );
+    let at = p * half..(p + 1) * half;
+    if T::DTYPE == DType::F32 {
+        // SAFETY: T is f32 (its DType says so), so both slices are f32 slices.
+        let (dst, src) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len()),
+                std::slice::from_raw_parts(src.as_ptr() as *const f32, src.len()),
+            )
+        };
+        let sign = if inverse { -1.0f32 } else { 1.0 };
+        rotate(dst, src, &tables.cos32[at.clone()], &tables.sin32[at], sign);
+    } else {
+        let sign = if inverse { -1.0 } else { 1.0 };
+        let (c, s) = (&tables.cos[at.clone()], &tables.sin[at]);
+        let (d1, d2) = dst.split_at_mut(half);
+        let (x1, x2) = src.split_at(half);
+        for i in 0..half {
+            let (ci, si) = (c[i], sign * s[i]);
+            let (a, b) = (x1[i].to_f64(), x2[i].to_f64());
+            d1[i] = T::from_f64(a * ci - b * si);
+            d2[i] = T::from_f64(b * ci + a * si);
+        }
+    }
+}
+
+#[inline]
+fn rotate(dst: &mut [f32], src: &[f32], c: &[f32], s: &[f32], sign: f32) {
+    let half = src.len() / 2;
     let (d1, d2) = dst.split_at_mut(half);
     let (x1, x2) = src.split_at(half);
     for i in 0..half {
         let (ci, si) = (c[i], sign * s[i]);
-        let (a, b) = (x1[i].to_f64(), x2[i].to_f64());
-        d1[i] = T::from_f64(a * ci - b * si);
-        d2[i] = T::from_f64(b * ci + a * si);
+        d1[i] = x1[i] * ci - x2[i] * si;
+        d2[i] = x2[i] * ci + x1[i] * si;
     }
 }
 

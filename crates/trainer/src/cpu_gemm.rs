@@ -96,17 +96,106 @@ pub fn gemm_ldc<T: WithDType>(
         "gemm: destination holds {} < {m}x{n} with row stride {ldc}",
         c.len()
     );
-    assert!(
-        m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs,
-        "gemm: left operand too short"
-    );
-    assert!(
-        n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
-        "gemm: right operand too short"
+    check_operands(
+        (m, n, k),
+        a.len(),
+        (a_rs, a_cs),
+        b.len(),
+        (b_rs, b_cs),
+        "gemm",
     );
     if m == 0 || n == 0 {
         return;
     }
+    // SAFETY: `c` holds the strided destination (checked above) and is borrowed mutably, so
+    // it aliases neither operand.
+    unsafe {
+        gemm_ptr(
+            (m, n, k),
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+            a,
+            (a_rs, a_cs),
+            b,
+            (b_rs, b_cs),
+            alpha,
+        )
+    }
+}
+
+/// A new `[m, n]` buffer holding `alpha · A B`, operands as in [`gemm`]. The buffer is not
+/// zero-filled first: the product writes every element (BLAS's `beta = 0`), which saves a
+/// pass over a destination that is often several megabytes.
+pub fn gemm_new<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    a: &[T],
+    a_strides: (usize, usize),
+    b: &[T],
+    b_strides: (usize, usize),
+    alpha: f64,
+) -> Vec<T> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![T::zero(); m * n];
+    }
+    check_operands((m, n, k), a.len(), a_strides, b.len(), b_strides, "gemm");
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: the operands were checked for these strides; `c` has room for m·n elements,
+    // all of which a product without accumulation writes (it never reads them), so every
+    // element is initialised before the length is set.
+    unsafe {
+        gemm_ptr(
+            (m, n, k),
+            c.as_mut_ptr(),
+            n,
+            false,
+            a,
+            a_strides,
+            b,
+            b_strides,
+            alpha,
+        );
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// Panics unless `a` and `b` hold `[m, k]` and `[k, n]` matrices with these strides.
+fn check_operands(
+    (m, n, k): (usize, usize, usize),
+    a_len: usize,
+    (a_rs, a_cs): (usize, usize),
+    b_len: usize,
+    (b_rs, b_cs): (usize, usize),
+    what: &str,
+) {
+    assert!(
+        m == 0 || k == 0 || a_len > (m - 1) * a_rs + (k - 1) * a_cs,
+        "{what}: left operand too short"
+    );
+    assert!(
+        n == 0 || k == 0 || b_len > (k - 1) * b_rs + (n - 1) * b_cs,
+        "{what}: right operand too short"
+    );
+}
+
+/// The product into a raw destination with rows `ldc` apart, on MKL or the `gemm` crate.
+///
+/// # Safety
+/// `c` must be valid for writes of `(m - 1)·ldc + n` elements (and for reads when
+/// `accumulate`), must not overlap `a` or `b`, and the operands must hold their matrices.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_ptr<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut T,
+    ldc: usize,
+    accumulate: bool,
+    a: &[T],
+    a_strides: (usize, usize),
+    b: &[T],
+    b_strides: (usize, usize),
+    alpha: f64,
+) {
     #[cfg(feature = "mkl")]
     if mkl::try_gemm(
         (m, n, k),
@@ -114,9 +203,9 @@ pub fn gemm_ldc<T: WithDType>(
         ldc,
         accumulate,
         a,
-        (a_rs, a_cs),
+        a_strides,
         b,
-        (b_rs, b_cs),
+        b_strides,
         alpha,
     ) {
         return;
@@ -127,9 +216,9 @@ pub fn gemm_ldc<T: WithDType>(
         ldc,
         accumulate,
         a,
-        (a_rs, a_cs),
+        a_strides,
         b,
-        (b_rs, b_cs),
+        b_strides,
         alpha,
     )
 }
@@ -171,19 +260,31 @@ pub fn gemm_bf16(
         "gemm_bf16: destination holds {} < {m}x{n}",
         c.len()
     );
-    assert!(
-        m == 0 || k == 0 || a.len() > (m - 1) * a_strides.0 + (k - 1) * a_strides.1,
-        "gemm_bf16: left operand too short"
-    );
-    assert!(
-        n == 0 || k == 0 || b.len() > (k - 1) * b_strides.0 + (n - 1) * b_strides.1,
-        "gemm_bf16: right operand too short"
+    check_operands(
+        (m, n, k),
+        a.len(),
+        a_strides,
+        b.len(),
+        b_strides,
+        "gemm_bf16",
     );
     if m == 0 || n == 0 {
         return;
     }
     #[cfg(feature = "mkl")]
-    if mkl::try_gemm_bf16((m, n, k), c, accumulate, a, a_strides, b, b_strides, alpha) {
+    // SAFETY: `c` holds `[m, n]` (checked above), borrowed mutably so aliasing neither operand.
+    if unsafe {
+        mkl::try_gemm_bf16(
+            (m, n, k),
+            c.as_mut_ptr(),
+            accumulate,
+            a,
+            a_strides,
+            b,
+            b_strides,
+            alpha,
+        )
+    } {
         return;
     }
     let (a, b) = (bf16_to_f32(a), bf16_to_f32(b));
@@ -199,10 +300,58 @@ pub fn gemm_bf16(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gemm_crate<T: WithDType>(
+/// A new `[m, n]` f32 buffer holding `alpha · A B` for bf16 operands, as [`gemm_bf16`]
+/// without accumulation; not zero-filled first (see [`gemm_new`]).
+pub fn gemm_bf16_new(
     (m, n, k): (usize, usize, usize),
-    c: &mut [T],
+    a: &[bf16],
+    a_strides: (usize, usize),
+    b: &[bf16],
+    b_strides: (usize, usize),
+    alpha: f64,
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    check_operands(
+        (m, n, k),
+        a.len(),
+        a_strides,
+        b.len(),
+        b_strides,
+        "gemm_bf16",
+    );
+    #[cfg(feature = "mkl")]
+    {
+        let mut c = Vec::with_capacity(m * n);
+        // SAFETY: operands checked above; `c` has room for the m·n elements that a product
+        // with beta = 0 writes without reading, before the length is set.
+        unsafe {
+            if mkl::try_gemm_bf16(
+                (m, n, k),
+                c.as_mut_ptr(),
+                false,
+                a,
+                a_strides,
+                b,
+                b_strides,
+                alpha,
+            ) {
+                c.set_len(m * n);
+                return c;
+            }
+        }
+    }
+    let (a, b) = (bf16_to_f32(a), bf16_to_f32(b));
+    gemm_new((m, n, k), &a, a_strides, &b, b_strides, alpha)
+}
+
+/// # Safety
+/// As [`gemm_ptr`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_crate<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut T,
     ldc: usize,
     accumulate: bool,
     a: &[T],
@@ -217,14 +366,14 @@ fn gemm_crate<T: WithDType>(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the three buffers hold the strided matrices (checked by `gemm` above), and `c`
-    // does not alias `a` or `b` (one is borrowed mutably, the others shared).
+    // SAFETY: the caller's contract (see `gemm_ptr`); with `read_dst` false the crate writes
+    // the destination without reading it.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             ldc as isize,
             accumulate,
@@ -313,10 +462,14 @@ mod mkl {
     }
 
     /// [`super::gemm_bf16`] on MKL; false when the strides do not fit CBLAS.
+    ///
+    /// # Safety
+    /// `c` must be valid for `[m, n]` f32 writes (and reads when `accumulate`) and not overlap
+    /// the operands, which must hold their matrices.
     #[allow(clippy::too_many_arguments)]
-    pub fn try_gemm_bf16(
+    pub unsafe fn try_gemm_bf16(
         (m, n, k): (usize, usize, usize),
-        c: &mut [f32],
+        c: *mut f32,
         accumulate: bool,
         a: &[half::bf16],
         a_strides: (usize, usize),
@@ -352,7 +505,7 @@ mod mkl {
                 b.as_ptr() as *const u16,
                 ldb,
                 beta,
-                c.as_mut_ptr(),
+                c,
                 ni,
             )
         };
@@ -409,10 +562,13 @@ mod mkl {
     }
 
     /// Runs the product on MKL when the dtype and strides allow; false leaves it to the caller.
+    ///
+    /// # Safety
+    /// As [`super::gemm_ptr`].
     #[allow(clippy::too_many_arguments)]
-    pub fn try_gemm<T: WithDType>(
+    pub unsafe fn try_gemm<T: WithDType>(
         (m, n, k): (usize, usize, usize),
-        c: &mut [T],
+        c: *mut T,
         ldc: usize,
         accumulate: bool,
         a: &[T],
@@ -455,7 +611,7 @@ mod mkl {
                         b.as_ptr() as *const $t,
                         ldb,
                         beta as $t,
-                        c.as_mut_ptr() as *mut $t,
+                        c as *mut $t,
                         ldc,
                     )
                 }
@@ -526,6 +682,17 @@ mod tests {
                         let a32: Vec<f32> = a.iter().map(|&v| v as f32).collect();
                         let b32: Vec<f32> = b.iter().map(|&v| v as f32).collect();
                         gemm((m, n, k), &mut got32, accumulate, &a32, a_s, &b32, b_s, 0.5);
+                        if !accumulate {
+                            // a fresh destination: the same values, exactly. The NaN
+                            // buffers freed first are likely handed back by the allocator, so
+                            // a product that read its destination would show it.
+                            drop(vec![f64::NAN; m * n]);
+                            let new64 = gemm_new((m, n, k), &a, a_s, &b, b_s, 0.5);
+                            drop(vec![f32::NAN; m * n]);
+                            let new32 = gemm_new((m, n, k), &a32, a_s, &b32, b_s, 0.5);
+                            assert_eq!(new64, got64, "gemm_new f64 {m}x{n}x{k}");
+                            assert_eq!(new32, got32, "gemm_new f32 {m}x{n}x{k}");
+                        }
                         for i in 0..m * n {
                             let tol = 1e-9 * (1.0 + want[i].abs());
                             assert!(
@@ -542,6 +709,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_empty_inner_dimension_gives_zeros() {
+        assert_eq!(
+            gemm_new::<f32>((2, 3, 0), &[], (0, 1), &[], (3, 1), 1.0),
+            [0.0; 6]
+        );
+        assert_eq!(
+            gemm_bf16_new((2, 1, 0), &[], (0, 1), &[], (1, 1), 1.0),
+            [0.0; 2]
+        );
     }
 
     #[test]
@@ -596,6 +775,10 @@ mod tests {
                     let (ab, bb) = (to_bf16(&a), to_bf16(&b));
                     assert_eq!(bf16_to_f32(&ab), a);
                     gemm_bf16((m, n, k), &mut got, accumulate, &ab, a_s, &bb, b_s, 0.5);
+                    if !accumulate {
+                        let fresh = gemm_bf16_new((m, n, k), &ab, a_s, &bb, b_s, 0.5);
+                        assert_eq!(fresh, got, "gemm_bf16_new {m}x{n}x{k}");
+                    }
                     for i in 0..m * n {
                         let tol = 1e-5 * (1.0 + want[i].abs());
                         assert!(

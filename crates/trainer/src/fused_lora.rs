@@ -31,7 +31,7 @@ use candle_core::Storage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::cpu_gemm::gemm;
+use crate::cpu_gemm::{gemm, gemm_new};
 use crate::ops::{contiguous_slice, guard_slice, with_cpu_slice};
 use serde::{Deserialize, Serialize};
 
@@ -167,6 +167,9 @@ impl FrozenWeight {
     }
 }
 
+/// (dx when wanted, dA, dB) of the CPU backward.
+type CpuGrads<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
+
 struct FusedLora {
     /// `[out, in]`, frozen
     w: FrozenWeight,
@@ -226,20 +229,9 @@ impl FusedLora {
             None => x,
         };
         // s = xm Aᵀ: [n, in] x [in, r]
-        let mut s = vec![T::zero(); n * r];
-        gemm(
-            (n, r, in_f),
-            &mut s,
-            false,
-            xm,
-            (in_f, 1),
-            a,
-            (1, in_f),
-            1.0,
-        );
+        let s = gemm_new((n, r, in_f), xm, (in_f, 1), a, (1, in_f), 1.0);
         // y = x Wᵀ, then y += scaling · s Bᵀ in the same buffer
-        let mut y = vec![T::zero(); n * out_f];
-        self.base_product_cpu(x, (in_f, 1), &mut y, (n, out_f, in_f), (1, in_f))?;
+        let mut y = self.base_product_cpu(x, (in_f, 1), (n, out_f, in_f), (1, in_f))?;
         gemm(
             (n, out_f, r),
             &mut y,
@@ -253,38 +245,34 @@ impl FusedLora {
         Ok((y, s))
     }
 
-    /// `c = lhs · op(W)` on the cpu for `lhs: [m, k]` (strides `lhs_s`) and W seen through
-    /// strides `w_s` (`(1, in)`: `Wᵀ`, the forward; `(in, 1)`: `W`, the input gradient). A
-    /// bf16 base under an f32 input multiplies in bf16 with f32 accumulation; any other base
-    /// is used in `T` (a quantized one dequantized for this product only).
+    /// `lhs · op(W)`, `[m, n]`, on the cpu for `lhs: [m, k]` (strides `lhs_s`) and W seen
+    /// through strides `w_s` (`(1, in)`: `Wᵀ`, the forward; `(in, 1)`: `W`, the input
+    /// gradient). A bf16 base under an f32 input multiplies in bf16 with f32 accumulation; any
+    /// other base is used in `T` (a quantized one dequantized for this product only).
     fn base_product_cpu<T: WithDType>(
         &self,
         lhs: &[T],
         lhs_s: (usize, usize),
-        c: &mut [T],
         (m, n, k): (usize, usize, usize),
         w_s: (usize, usize),
-    ) -> CResult<()> {
+    ) -> CResult<Vec<T>> {
         if let (FrozenWeight::Quant(QuantWeight::Bf16(w)), DType::F32) = (&self.w, T::DTYPE) {
-            // SAFETY: T is f32 (its DType says so), so the slices are f32 slices.
-            let (lhs, c) = unsafe {
-                (
-                    std::slice::from_raw_parts(lhs.as_ptr() as *const f32, lhs.len()),
-                    std::slice::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, c.len()),
-                )
-            };
+            // SAFETY: T is f32 (its DType says so), so the slice is an f32 slice.
+            let lhs = unsafe { std::slice::from_raw_parts(lhs.as_ptr() as *const f32, lhs.len()) };
             let lhs = crate::cpu_gemm::to_bf16(lhs);
-            crate::cpu_gemm::gemm_bf16((m, n, k), c, false, &lhs, lhs_s, &w.data, w_s, 1.0);
-            return Ok(());
+            let c = crate::cpu_gemm::gemm_bf16_new((m, n, k), &lhs, lhs_s, &w.data, w_s, 1.0);
+            // T is f32: the vector is handed over as it is
+            let c: Box<dyn std::any::Any> = Box::new(c);
+            return Ok(*c.downcast::<Vec<T>>().expect("T is f32"));
         }
         let w = self.w.get(&candle_core::Device::Cpu, T::DTYPE)?;
         with_cpu_slice::<T, _>(&w, "lora_linear W", |w| {
-            gemm((m, n, k), c, false, lhs, lhs_s, w, w_s, 1.0);
-            Ok(())
+            Ok(gemm_new((m, n, k), lhs, lhs_s, w, w_s, 1.0))
         })
     }
 
-    /// (dx, dA, dB) from CPU tensors.
+    /// (dx, dA, dB) from CPU tensors; dx only when `want_dx`.
+    #[allow(clippy::too_many_arguments)]
     fn cpu_backward<T: WithDType>(
         &self,
         x: &Tensor,
@@ -293,7 +281,8 @@ impl FusedLora {
         s: &Tensor,
         dy: &Tensor,
         d: Dims,
-    ) -> CResult<(Vec<T>, Vec<T>, Vec<T>)> {
+        want_dx: bool,
+    ) -> CResult<CpuGrads<T>> {
         let Dims { n, in_f, r, out_f } = d;
         let sc = self.scaling;
         // the operands borrowed in place (all contiguous: made so by `fused` and `bwd`)
@@ -308,28 +297,8 @@ impl FusedLora {
         .map(|(i, what)| guard_slice::<T, _>(&guards[i], what));
         let (dyv, sv, av, bv, xv) = (dyv?, sv?, av?, bv?, xv?);
         // ds = scaling · dy B: [n, out] x [out, r]; dB = scaling · dyᵀ s: [out, n] x [n, r]
-        let mut ds = vec![T::zero(); n * r];
-        gemm(
-            (n, r, out_f),
-            &mut ds,
-            false,
-            dyv,
-            (out_f, 1),
-            bv,
-            (r, 1),
-            sc,
-        );
-        let mut db = vec![T::zero(); out_f * r];
-        gemm(
-            (out_f, r, n),
-            &mut db,
-            false,
-            dyv,
-            (1, out_f),
-            sv,
-            (r, 1),
-            sc,
-        );
+        let ds = gemm_new((n, r, out_f), dyv, (out_f, 1), bv, (r, 1), sc);
+        let db = gemm_new((out_f, r, n), dyv, (1, out_f), sv, (r, 1), sc);
         // dA = dsᵀ xm: [r, n] x [n, in]; with dropout, xm's buffer then takes ds A for dx
         let mut buf = match &self.mask {
             Some(m) => Some(with_cpu_slice::<T, _>(m, "lora_linear mask", |m| {
@@ -337,20 +306,13 @@ impl FusedLora {
             })?),
             None => None,
         };
-        let mut da = vec![T::zero(); r * in_f];
-        gemm(
-            (r, in_f, n),
-            &mut da,
-            false,
-            &ds,
-            (1, r),
-            buf.as_deref().unwrap_or(xv),
-            (in_f, 1),
-            1.0,
-        );
+        let xm = buf.as_deref().unwrap_or(xv);
+        let da = gemm_new((r, in_f, n), &ds, (1, r), xm, (in_f, 1), 1.0);
+        if !want_dx {
+            return Ok((None, da, db));
+        }
         // dx = dy W, then + mask ⊙ (ds A)
-        let mut dx = vec![T::zero(); n * in_f];
-        self.base_product_cpu(dyv, (out_f, 1), &mut dx, (n, in_f, out_f), (in_f, 1))?;
+        let mut dx = self.base_product_cpu(dyv, (out_f, 1), (n, in_f, out_f), (in_f, 1))?;
         match &self.mask {
             None => gemm((n, in_f, r), &mut dx, true, &ds, (r, 1), av, (in_f, 1), 1.0),
             Some(m) => {
@@ -368,7 +330,7 @@ impl FusedLora {
                 })?;
             }
         }
-        Ok((dx, da, db))
+        Ok((Some(dx), da, db))
     }
 
     fn dims(&self, xl: &Layout, al: &Layout) -> CResult<Dims> {
@@ -515,11 +477,15 @@ impl CustomOp3 for FusedLora {
         let dy = dy.contiguous()?;
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
             let dev = candle_core::Device::Cpu;
+            // an input that needs no gradient (the first layer's, under a frozen embedding)
+            // is spared the largest product of the backward
+            let want_dx = x.track_op();
             macro_rules! run {
                 ($t:ty) => {{
-                    let (dx, da, db) = self.cpu_backward::<$t>(x, a, b, &s, &dy, d)?;
+                    let (dx, da, db) = self.cpu_backward::<$t>(x, a, b, &s, &dy, d, want_dx)?;
                     (
-                        Tensor::from_vec(dx, x.shape(), &dev)?,
+                        dx.map(|dx| Tensor::from_vec(dx, x.shape(), &dev))
+                            .transpose()?,
                         Tensor::from_vec(da, (r, in_f), &dev)?,
                         Tensor::from_vec(db, (out_f, r), &dev)?,
                     )
@@ -529,7 +495,7 @@ impl CustomOp3 for FusedLora {
                 DType::F32 => run!(f32),
                 _ => run!(f64),
             };
-            return Ok((Some(dx), Some(da), Some(db)));
+            return Ok((dx, Some(da), Some(db)));
         }
         // other devices: candle products; on CUDA, dx's second product accumulates in place
         let dy2 = dy.reshape((n, out_f))?;
@@ -1100,5 +1066,28 @@ mod tests {
         .to_string();
         assert!(e.contains("BF16 on the cpu is not supported"), "{e}");
         let _ = dev;
+    }
+
+    /// An input that needs no gradient (the first layer's under a frozen embedding) gets
+    /// none, and the adapters' gradients are the ones it gets as a variable.
+    #[test]
+    fn an_untracked_input_gets_no_gradient_and_the_same_adapter_gradients() {
+        let w = uniform(&[5, 6], 2).unwrap();
+        let x = uniform(&[4, 6], 1).unwrap();
+        let xv = candle_core::Var::from_tensor(&x).unwrap();
+        let a = candle_core::Var::from_tensor(&uniform(&[2, 6], 3).unwrap()).unwrap();
+        let b = candle_core::Var::from_tensor(&uniform(&[5, 2], 4).unwrap()).unwrap();
+        let probe = uniform(&[4, 5], 5).unwrap();
+        let grads = |x: &Tensor| {
+            let y = lora_linear(x, &w, a.as_tensor(), b.as_tensor(), 0.5, None).unwrap();
+            (y * &probe).unwrap().sum_all().unwrap().backward().unwrap()
+        };
+        let (plain, tracked) = (grads(&x), grads(xv.as_tensor()));
+        assert!(!x.track_op() && plain.get(&x).is_none());
+        assert!(tracked.get(xv.as_tensor()).is_some());
+        for v in [&a, &b] {
+            let d = crate::test_util::max_abs_diff(plain.get(v).unwrap(), tracked.get(v).unwrap());
+            assert_eq!(d, 0.0);
+        }
     }
 }
