@@ -428,12 +428,7 @@ impl CausalAttention {
                         let vb = &vu[blk.k0 * hd..];
                         gemm((nr, kk, hd), &mut ds, false, dyb, (hd, 1), vb, (1, hd), 1.0);
                         for (dr, pr) in ds.chunks_mut(kk).zip(p.chunks(kk)) {
-                            let dot: f64 = dr
-                                .iter()
-                                .zip(pr)
-                                .map(|(a, b)| a.to_f64() * b.to_f64())
-                                .sum();
-                            let dot = T::from_f64(dot);
+                            let dot = row_dot(dr, pr);
                             for (dv, pv) in dr.iter_mut().zip(pr) {
                                 *dv = *pv * (*dv - dot);
                             }
@@ -492,6 +487,21 @@ impl CausalAttention {
             groups: self.heads / self.kv_heads,
         })
     }
+}
+
+/// `Σ a_i b_i` of two rows: in f32 lanes for f32, in f64 otherwise.
+fn row_dot<T: WithDType>(a: &[T], b: &[T]) -> T {
+    if T::DTYPE == DType::F32 {
+        // SAFETY: T is f32 (its DType says so), so both slices are f32 slices.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len()),
+                std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len()),
+            )
+        };
+        return T::from_f64(crate::ops::dot_f32(a, b) as f64);
+    }
+    T::from_f64(a.iter().zip(b).map(|(x, y)| x.to_f64() * y.to_f64()).sum())
 }
 
 /// `dst = R(θ_p) src` for one head row (`R(−θ_p)` when `inverse`): the halves `(x1, x2)`

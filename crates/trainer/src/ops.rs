@@ -1070,6 +1070,25 @@ pub(crate) fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
     rest.iter().chain(&acc).sum()
 }
 
+/// `Σ a_i b_i` over two slices of one length.
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    rest + acc.iter().sum::<f32>()
+}
+
 /// One row of logits in place: returns the row's negative log-likelihood of `tgt` and
 /// replaces the logits by `scale · (softmax - onehot(tgt))`, the gradient of `scale · nll`.
 fn nll_and_grad_f32(row: &mut [f32], tgt: usize, scale: f32) -> f64 {
@@ -1758,6 +1777,18 @@ mod tests {
             for (a, b) in y.iter().zip(&x) {
                 assert!((*a as f64 - ((b - shift) as f64).exp()).abs() < 1e-6);
             }
+            let w: Vec<f32> = (0..len).map(|i| (i % 5) as f32 - 2.0).collect();
+            let dot = dot_f32(&x, &w) as f64;
+            let want: f64 = x.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let size: f64 = x
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum();
+            assert!(
+                (dot - want).abs() <= 1e-6 * size.max(1.0),
+                "dot of {len}: {dot} vs {want}"
+            );
         }
     }
 }
