@@ -365,6 +365,12 @@ fn bench_lora_kernel(a: &BenchLoraArgs) -> CliResult<Vec<serde_json::Value>> {
     if a.dims.is_empty() || a.tokens.is_empty() || a.rank == 0 || a.reps == 0 {
         return Err("--dims, --tokens need at least one value; --rank, --reps at least 1".into());
     }
+    if a.dims.contains(&0) {
+        return Err(format!(
+            "--dims {:?}: every size must be at least 1",
+            a.dims
+        ));
+    }
     if !(0.0..1.0).contains(&a.dropout) {
         return Err(format!("--dropout {}: must be in [0, 1)", a.dropout));
     }

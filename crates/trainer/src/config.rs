@@ -222,7 +222,10 @@ impl ModelConfig {
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: c.num_key_value_heads.unwrap_or(num_attention_heads),
-            head_dim: c.head_dim.unwrap_or(hidden_size / num_attention_heads),
+            // zero heads are refused by `validate`, named there
+            head_dim: c
+                .head_dim
+                .unwrap_or(hidden_size.checked_div(num_attention_heads).unwrap_or(0)),
             vocab_size: need(c.vocab_size, "vocab_size")?,
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: c
@@ -492,6 +495,17 @@ mod tests {
             "{err}"
         );
         let err = ModelConfig::from_hf_value(&json!({"model_type": "llama", "hidden_size": 8}))
+            .unwrap_err();
+        assert!(err.contains("num_attention_heads"), "{err}");
+    }
+
+    #[test]
+    fn zero_heads_are_refused_not_divided_by() {
+        let mut v = ModelConfig::preset("smollm-135m").unwrap().to_hf_json();
+        v["num_attention_heads"] = json!(0);
+        v.as_object_mut().unwrap().remove("head_dim");
+        let err = ModelConfig::from_hf_value(&v)
+            .and_then(|c| c.validate().map(|_| c))
             .unwrap_err();
         assert!(err.contains("num_attention_heads"), "{err}");
     }

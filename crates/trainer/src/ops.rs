@@ -871,7 +871,7 @@ fn frozen_linear_fwd<S: BackendStorage>(
 ) -> CResult<(S, Shape)> {
     let (out_f, in_f) = wl.shape().dims2()?;
     let dims = l.dims();
-    if dims.last() != Some(&in_f) {
+    if dims.last() != Some(&in_f) || in_f == 0 {
         candle_core::bail!("frozen_linear: input {dims:?} for weight [{out_f}, {in_f}]");
     }
     let m = l.shape().elem_count() / in_f;
