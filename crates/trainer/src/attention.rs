@@ -77,21 +77,21 @@ pub fn causal_attention(
             v.dims()
         );
     }
-    let tables = match rope {
-        Some(r) => {
-            if r.cos.dims() != [t, hd / 2] || r.sin.dims() != [t, hd / 2] {
-                candle_core::bail!(
-                    "causal_attention: rope tables {:?} and {:?} for {t} positions of {hd}",
-                    r.cos.dims(),
-                    r.sin.dims()
-                );
-            }
-            let f = |x: &Tensor| x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
-            Some(RopeTables::new(f(r.cos)?, f(r.sin)?))
+    if let Some(r) = rope {
+        if r.cos.dims() != [t, hd / 2] || r.sin.dims() != [t, hd / 2] {
+            candle_core::bail!(
+                "causal_attention: rope tables {:?} and {:?} for {t} positions of {hd}",
+                r.cos.dims(),
+                r.sin.dims()
+            );
         }
-        None => None,
-    };
+    }
     if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
+        let f = |x: &Tensor| x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+        let tables = match rope {
+            Some(r) => Some(RopeTables::new(f(r.cos)?, f(r.sin)?)),
+            None => None,
+        };
         let op = CausalAttention {
             scale,
             window,
@@ -129,15 +129,40 @@ pub fn causal_attention_composed(
         q = crate::ops::rope_composed(&q, &cos, &sin)?;
         k = crate::ops::rope_composed(&k, &cos, &sin)?;
     }
-    let v = split(v, kv_heads)?.contiguous()?;
+    attend_heads(&q, &k, &split(v, kv_heads)?, 0, scale, None, window)
+}
+
+/// Attention over heads already split and rotated, as composed candle ops with autograd:
+/// `q: [b, heads, t, hd]` for the last `t` of `past + t` positions, `k` and `v` of shape
+/// `[b, kv_heads, past + t, hd]`, returned as `[b, t, heads·hd]`. With `softcap`, the scaled
+/// scores become `cap · tanh(s / cap)` before the mask. The model's path with a KV cache or
+/// soft-capping, and the op's fallback and reference.
+pub fn attend_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    past: usize,
+    scale: f64,
+    softcap: Option<f64>,
+    window: Option<usize>,
+) -> CResult<Tensor> {
+    let (b, heads, t, hd) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
     // grouped-query attention without repeating k/v: q as [b, kv, groups·t, hd]
     let qg = q
         .contiguous()?
         .reshape((b, kv_heads, heads / kv_heads * t, hd))?;
-    let scores = qg.matmul(&k.contiguous()?.t()?)?;
-    let probs = crate::ops::causal_softmax(&scores, scale, t, 0, window)?;
+    let scores = qg.matmul(&k.contiguous()?.t()?)?; // [b, kv, groups·t, past + t]
+    let probs = match softcap {
+        // soft-capping comes between the scale and the mask
+        Some(cap) => {
+            let capped = ((scores * (scale / cap))?.tanh()? * cap)?;
+            crate::ops::causal_softmax(&capped, 1.0, t, past, window)?
+        }
+        None => crate::ops::causal_softmax(&scores, scale, t, past, window)?,
+    };
     probs
-        .matmul(&v)?
+        .matmul(&v.contiguous()?)? // [b, kv, groups·t, hd]
         .reshape((b, heads, t, hd))?
         .transpose(1, 2)?
         .reshape((b, t, heads * hd))

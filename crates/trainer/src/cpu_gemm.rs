@@ -139,25 +139,30 @@ pub fn gemm_new<T: WithDType>(
         return vec![T::zero(); m * n];
     }
     check_operands((m, n, k), a.len(), a_strides, b.len(), b_strides, "gemm");
-    let mut c = Vec::with_capacity(m * n);
-    // SAFETY: the operands were checked for these strides; `c` has room for m·n elements,
-    // all of which a product without accumulation writes (it never reads them), so every
-    // element is initialised before the length is set.
-    unsafe {
-        gemm_ptr(
-            (m, n, k),
-            c.as_mut_ptr(),
-            n,
-            false,
-            a,
-            a_strides,
-            b,
-            b_strides,
-            alpha,
-        );
-        c.set_len(m * n);
+    // SAFETY: the operands were checked for these strides, and a product without
+    // accumulation writes all m·n elements of its destination without reading them.
+    let c = unsafe {
+        written_by(m * n, |c| {
+            gemm_ptr((m, n, k), c, n, false, a, a_strides, b, b_strides, alpha);
+            true
+        })
+    };
+    c.expect("the product always writes")
+}
+
+/// A new buffer of `len` elements that `write` fills through a raw pointer, or None when
+/// `write` returns false (and wrote nothing the buffer is read for).
+///
+/// # Safety
+/// When `write` returns true it must have written all `len` elements.
+unsafe fn written_by<T>(len: usize, write: impl FnOnce(*mut T) -> bool) -> Option<Vec<T>> {
+    let mut c = Vec::with_capacity(len);
+    if !write(c.as_mut_ptr()) {
+        return None;
     }
-    c
+    // SAFETY: the caller's contract: every element is initialised.
+    unsafe { c.set_len(len) };
+    Some(c)
 }
 
 /// Panics unless `a` and `b` hold `[m, k]` and `[k, n]` matrices with these strides.
@@ -322,25 +327,14 @@ pub fn gemm_bf16_new(
         "gemm_bf16",
     );
     #[cfg(feature = "mkl")]
-    {
-        let mut c = Vec::with_capacity(m * n);
-        // SAFETY: operands checked above; `c` has room for the m·n elements that a product
-        // with beta = 0 writes without reading, before the length is set.
-        unsafe {
-            if mkl::try_gemm_bf16(
-                (m, n, k),
-                c.as_mut_ptr(),
-                false,
-                a,
-                a_strides,
-                b,
-                b_strides,
-                alpha,
-            ) {
-                c.set_len(m * n);
-                return c;
-            }
-        }
+    // SAFETY: operands checked above; a product with beta = 0 writes all m·n elements
+    // without reading them.
+    if let Some(c) = unsafe {
+        written_by(m * n, |c| {
+            mkl::try_gemm_bf16((m, n, k), c, false, a, a_strides, b, b_strides, alpha)
+        })
+    } {
+        return c;
     }
     let (a, b) = (bf16_to_f32(a), bf16_to_f32(b));
     gemm_new((m, n, k), &a, a_strides, &b, b_strides, alpha)

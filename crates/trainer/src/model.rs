@@ -768,7 +768,6 @@ impl Decoder {
             }
         }
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let groups = nh / nkv;
         // rope tables and masks, shared by layers of the same kind
         // keyed by (base, scaled): Gemma 3 scales only its global layers' frequencies
         let mut tables: Vec<((f64, bool), Tensor, Tensor)> = Vec::new();
@@ -825,26 +824,12 @@ impl Decoder {
                 let q = rotated(&q, nh)?;
                 let (k, v) = match cache.as_deref() {
                     Some(cache) => cache.layers[l].clone().expect("stored above"),
-                    None => (rotated(&k, nkv)?, heads(&v, nkv)?.contiguous()?),
+                    None => (rotated(&k, nkv)?, heads(&v, nkv)?),
                 };
-                let total = past + t;
-                debug_assert_eq!(total, k.dims()[2]);
-                // grouped-query attention without repeating k/v: q as [b, nkv, groups·t, hd]
-                let qg = q.reshape((b, nkv, groups * t, hd))?;
-                let scores = qg.matmul(&k.t()?)?; // [b, nkv, g·t, total]
-                let probs = match c.attn_logit_softcapping {
-                    // soft-capping comes between the scale and the mask
-                    Some(cap) => {
-                        let capped = ((scores * (c.attention_scale() / cap))?.tanh()? * cap)?;
-                        ops::causal_softmax(&capped, 1.0, t, past, window)?
-                    }
-                    None => ops::causal_softmax(&scores, c.attention_scale(), t, past, window)?,
-                };
-                probs
-                    .matmul(&v)? // [b, nkv, g·t, hd]
-                    .reshape((b, nh, t, hd))?
-                    .transpose(1, 2)?
-                    .reshape((b, t, nh * hd))?
+                debug_assert_eq!(past + t, k.dims()[2]);
+                let scale = c.attention_scale();
+                let softcap = c.attn_logit_softcapping;
+                attention::attend_heads(&q, &k, &v, past, scale, softcap, window)?
             };
             let mut a = blk.o_proj.forward(&attn, ctx)?;
             if let Some(n) = &blk.post_attention_norm {
